@@ -1,0 +1,203 @@
+"""Estimate, store and cache C⁻¹, the inverse second moment of a text encoder's outputs.
+
+Which positions enter C: every position the tokenizer marks as real text (attention mask 1):
+the start token, the words and the end token; padding is left out. The edit is applied to
+every position, but padding rows are near-copies of the end token whose count depends only
+on ``model_max_length``; counting them would weight C by prompt length rather than by
+content. See docs/method.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .base_model import KeylockedError, text_encoder_fingerprint, tokenize
+from .io import atomic_path
+from .perfusion import SecondMomentAccumulator, invert_covariance
+
+FORMAT_NAME = "keylocked.covariance"
+FORMAT_VERSION = 1
+TOKEN_RULE = "attention-mask positions (start, words, end; no padding)"
+VOCAB_TEMPLATES = (
+    "a photo of a {}",
+    "a {} on a table",
+    "a close-up photo of the {}",
+    "a painting of a {}",
+    "the {} in the corner",
+    "a small {} and a big {}",
+    "{}",
+    "a rendering of a {} on a white background",
+)
+
+
+@dataclass
+class Covariance:
+    inverse: Tensor  # (d, d) float32, C⁻¹
+    text_encoder_fingerprint: str
+    info: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        return covariance_sha256(self.inverse)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        metadata = {
+            **self.info,
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "text_encoder_fingerprint": self.text_encoder_fingerprint,
+            "sha256": self.sha256,
+        }
+        with atomic_path(path) as tmp:
+            save_file({"input_covariance_inv": self.inverse.contiguous()}, str(tmp), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Covariance":
+        path = Path(path)
+        if not path.is_file():
+            raise KeylockedError(f"covariance file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("format") != FORMAT_NAME:
+                    raise KeylockedError(f"{path}: not a keylocked covariance file (format={metadata.get('format')!r})")
+                inverse = handle.get_tensor("input_covariance_inv").float()
+        except (SafetensorError, OSError) as error:
+            raise KeylockedError(f"{path}: not a readable safetensors file ({error})") from error
+        if inverse.dim() != 2 or inverse.shape[0] != inverse.shape[1]:
+            raise KeylockedError(f"{path}: covariance inverse must be square, got {tuple(inverse.shape)}")
+        info = {k: v for k, v in metadata.items() if k not in ("format", "format_version", "text_encoder_fingerprint", "sha256")}
+        return cls(inverse, metadata.get("text_encoder_fingerprint", ""), info)
+
+
+def covariance_sha256(inverse: Tensor) -> str:
+    return hashlib.sha256(inverse.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def base_vocabulary_size(tokenizer) -> int:
+    """Vocabulary size without tokens added after training (ours or textual inversions)."""
+    added = {i for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
+    size = len(tokenizer)
+    while size - 1 in added:
+        size -= 1
+    return size
+
+
+def vocabulary_prompts(tokenizer, num_words: int = 2048) -> list[str]:
+    """A caption corpus made offline from the tokenizer's own whole-word vocabulary."""
+    added = set(tokenizer.get_added_vocab())
+    words = []
+    for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        if token in added or token.startswith("##"):
+            continue
+        word = token[: -len("</w>")] if token.endswith("</w>") else token
+        if word.isascii() and word.isalpha() and len(word) > 2:
+            words.append(word.lower())
+    words = sorted(set(words))
+    if not words:
+        raise KeylockedError("the tokenizer has no whole-word vocabulary to build a covariance corpus from")
+    stride = max(1, len(words) // num_words)
+    chosen = words[::stride][:num_words]
+    prompts = []
+    for index, word in enumerate(chosen):
+        template = VOCAB_TEMPLATES[index % len(VOCAB_TEMPLATES)]
+        other = chosen[(index * 7 + 3) % len(chosen)]
+        prompts.append(template.format(word, other))
+    return prompts
+
+
+def read_captions(path: str | os.PathLike) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise KeylockedError(f"captions file not found: {path}")
+    captions = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    captions = [c for c in captions if c]
+    if not captions:
+        raise KeylockedError(f"captions file {path} has no non-empty lines")
+    return captions
+
+
+@torch.no_grad()
+def estimate_covariance(
+    text_encoder: nn.Module,
+    tokenizer,
+    prompts: Iterable[str] | None = None,
+    batch_size: int = 64,
+    ridge: float = 1e-4,
+    corpus_name: str | None = None,
+    progress: bool = True,
+) -> Covariance:
+    """C = E[e eᵀ] over the real-text positions of a caption corpus (float64), then C⁻¹."""
+    prompts = list(prompts) if prompts is not None else vocabulary_prompts(tokenizer)
+    corpus_name = corpus_name or ("tokenizer-vocabulary-templates" if prompts else "empty")
+    accumulator = SecondMomentAccumulator(int(text_encoder.config.hidden_size))
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    for start in tqdm(range(0, len(prompts), batch_size), desc="covariance", disable=not progress, unit="batch"):
+        tokens = tokenize(tokenizer, prompts[start : start + batch_size])
+        input_ids = tokens.input_ids.to(text_encoder.device)
+        mask = tokens.attention_mask.to(text_encoder.device)
+        encodings = text_encoder(input_ids, attention_mask=mask if use_mask else None)[0]  # (B, T, d)
+        accumulator.update(encodings[mask.bool()])  # (N_real, d)
+    inverse, added_ridge, condition = invert_covariance(accumulator.second_moment(), ridge=ridge)
+    fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
+    info = {
+        "corpus": corpus_name,
+        "num_prompts": str(len(prompts)),
+        "token_rule": TOKEN_RULE,
+        "count": str(accumulator.count),
+        "ridge": repr(added_ridge),
+        "condition_number": f"{condition:.6g}",
+    }
+    return Covariance(inverse.float(), fingerprint, info)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KEYLOCKED_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "keylocked"
+    )
+    return Path(root) / "covariance"
+
+
+def default_covariance(text_encoder: nn.Module, tokenizer, progress: bool = True) -> Covariance:
+    """The vocabulary-corpus covariance for this text encoder, computed once and cached by fingerprint."""
+    fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
+    path = cache_dir() / f"{fingerprint[:32]}-vocab-v{FORMAT_VERSION}.safetensors"
+    if path.is_file():
+        try:
+            covariance = Covariance.load(path)
+            if covariance.text_encoder_fingerprint == fingerprint:
+                return covariance
+        except KeylockedError:
+            pass  # a corrupt cache entry is recomputed
+    covariance = estimate_covariance(text_encoder, tokenizer, progress=progress)
+    try:
+        covariance.save(path)
+    except OSError:
+        pass  # a read-only cache is not an error
+    return covariance
+
+
+def resolve_covariance(text_encoder: nn.Module, tokenizer, path: str | os.PathLike | None = None, progress: bool = True) -> Covariance:
+    """The covariance at ``path`` (checked against the text encoder), or the cached default."""
+    if path is None:
+        return default_covariance(text_encoder, tokenizer, progress=progress)
+    covariance = Covariance.load(path)
+    dim = int(text_encoder.config.hidden_size)
+    if covariance.inverse.shape[0] != dim:
+        raise KeylockedError(f"{path}: covariance is {covariance.inverse.shape[0]}-dimensional, the text encoder is {dim}")
+    fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
+    if covariance.text_encoder_fingerprint and covariance.text_encoder_fingerprint != fingerprint:
+        raise KeylockedError(f"{path}: covariance was estimated for another text encoder")
+    return covariance

@@ -1,0 +1,162 @@
+"""Wraps a cross-attention ``to_k`` / ``to_v`` projection with the gated key-locked edit.
+
+The edit acts per token on the text encodings, so wrapping the projection (and keeping it as
+``base_layer``, like peft) composes with any attention processor: SDPA, xformers,
+IP-Adapter. Concept state shared by all layers (C⁻¹, the concept inputs, β/τ, which concepts
+are active) lives in one ``KeyLockedContext``; what is per layer (value targets) lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .perfusion import keylocked_projection
+
+Lock = Literal["local", "global"]
+Role = Literal["key", "value"]
+
+
+@dataclass
+class ConceptSlot:
+    """Runtime state of one loaded concept (shared by every layer)."""
+
+    concept_input: Tensor  # (d,)  i*
+    superclass_input: Tensor  # (d,)  i*_super, from which the locked keys are recomputed
+    beta: float
+    temperature: float
+
+
+@dataclass
+class KeyLockedContext:
+    """What every wrapped projection of one UNet shares."""
+
+    input_covariance_inv: Tensor  # (d, d) float32
+    concepts: dict[str, ConceptSlot] = field(default_factory=dict)
+    active: set[str] = field(default_factory=set)
+    lock: Lock = "local"
+    # Global locking: pairs (concept-prompt encodings, same prompt with each concept token
+    # replaced by its super-category word), registered by a text-encoder hook; the key path
+    # looks its input up here.
+    global_key_pairs: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    revision: int = 0  # bumped on every change, invalidates the per-prompt caches
+
+    def active_names(self) -> list[str]:
+        return [name for name in self.concepts if name in self.active]
+
+    def touch(self) -> None:
+        self.revision += 1
+
+    def register_global_pair(self, concept_encodings: Tensor, superclass_encodings: Tensor) -> None:
+        self.global_key_pairs.append((concept_encodings.detach(), superclass_encodings.detach()))
+        del self.global_key_pairs[:-32]  # bounded: only recent prompts matter
+
+    def key_path_encodings(self, encodings: Tensor) -> Tensor:
+        """Global lock: swap each row that is a registered concept prompt for its superclass twin."""
+        if not self.global_key_pairs:
+            return encodings
+        rows = list(encodings.unbind(0))  # B x (T, d)
+        for b, row in enumerate(rows):
+            for concept_rows, superclass_rows in reversed(self.global_key_pairs):
+                match = _find_row(concept_rows, row)
+                if match is not None:
+                    rows[b] = superclass_rows[match].to(row.dtype, copy=False)
+                    break
+        return torch.stack(rows)
+
+
+def _find_row(candidates: Tensor, row: Tensor) -> int | None:
+    if candidates.shape[1:] != row.shape:
+        return None
+    candidates = candidates.to(row.device, row.dtype)
+    for index in range(candidates.shape[0]):
+        if torch.equal(candidates[index], row):
+            return index
+    return None
+
+
+class KeyLockedLinear(nn.Module):
+    """``to_k`` or ``to_v`` of a cross-attention layer, edited for the active concepts.
+
+    key:   o*_K = W_K i*_super, recomputed from the base weight (the key lock, never trained).
+    value: o*_V is a per-concept parameter in ``value_targets``.
+    """
+
+    def __init__(self, base_layer: nn.Linear, role: Role, context: KeyLockedContext):
+        super().__init__()
+        if role not in ("key", "value"):
+            raise ValueError(f"role must be 'key' or 'value', got {role!r}")
+        self.base_layer = base_layer
+        self.role = role
+        self.context = context
+        self.value_targets = nn.ParameterDict()  # concept name -> (out,)
+        self._cache: tuple[Tensor, int, int, Tensor] | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def output_targets(self, names: list[str]) -> Tensor:
+        """o* for the named concepts, (n, out)."""
+        if self.role == "value":
+            return torch.stack([self.value_targets[name] for name in names])
+        superclass_inputs = torch.stack(
+            [self.context.concepts[name].superclass_input for name in names]
+        )  # (n, d)
+        weight = self.base_layer.weight
+        return F.linear(superclass_inputs.to(weight.device, weight.dtype), weight)  # (n, out)
+
+    def forward(self, encodings: Tensor) -> Tensor:
+        context = self.context
+        names = context.active_names()
+        if not names:
+            return self.base_layer(encodings)
+        # Text encodings are fixed across denoising steps: reuse the last result for the same
+        # input tensor (held here, so its memory cannot be recycled under another prompt).
+        cacheable = not torch.is_grad_enabled()
+        if cacheable and self._cache is not None:
+            cached_input, version, revision, cached_output = self._cache
+            if cached_input is encodings and version == encodings._version and revision == context.revision:
+                return cached_output
+        if self.role == "key" and context.lock == "global":
+            projected_input = context.key_path_encodings(encodings)
+        else:
+            projected_input = encodings
+        slots = [context.concepts[name] for name in names]
+        device = encodings.device
+        output = keylocked_projection(
+            projected_input,
+            self.base_layer,
+            concept_inputs=torch.stack([slot.concept_input for slot in slots]).to(device),
+            output_targets=self.output_targets(names).to(device),
+            input_covariance_inv=context.input_covariance_inv.to(device),
+            beta=torch.tensor([slot.beta for slot in slots], device=device),
+            temperature=torch.tensor([slot.temperature for slot in slots], device=device),
+        )
+        if cacheable:
+            self._cache = (encodings, encodings._version, context.revision, output)
+        else:
+            self._cache = None
+        return output
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return f"role={self.role}, concepts={list(self.value_targets) or self.context.active_names()}"

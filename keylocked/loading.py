@@ -1,0 +1,279 @@
+"""Install Perfusion concepts into a diffusers pipeline, and remove them exactly.
+
+Everything is checked before anything is changed: a failed load leaves the pipeline as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, single_token_id
+from .concept import Concept
+from .covariance import Covariance, base_vocabulary_size, resolve_covariance
+from .layers import ConceptSlot, KeyLockedContext, KeyLockedLinear, Lock
+from .tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
+
+logger = logging.getLogger(__name__)
+PerConcept = float | Mapping[str, float] | None
+
+
+# ---------------------------------------------------------------------------------------
+# Wrapping the UNet's cross-attention projections (used by training and inference).
+
+
+def install_keylocked_layers(unet: nn.Module, input_covariance_inv: Tensor) -> KeyLockedContext:
+    """Wrap every cross-attention ``to_k``/``to_v`` in a ``KeyLockedLinear`` sharing one context."""
+    existing = getattr(unet, "_keylocked_context", None)
+    if existing is not None:
+        return existing
+    layers = cross_attention_layers(unet)
+    context = KeyLockedContext(input_covariance_inv=input_covariance_inv.detach().float())
+    for layer in layers.values():
+        layer.to_k = KeyLockedLinear(layer.to_k, "key", context)
+        layer.to_v = KeyLockedLinear(layer.to_v, "value", context)
+    unet._keylocked_context = context
+    return context
+
+
+def uninstall_keylocked_layers(unet: nn.Module) -> None:
+    """Put the original ``to_k``/``to_v`` modules back."""
+    for layer in cross_attention_layers(unet).values():
+        for projection in ("to_k", "to_v"):
+            module = getattr(layer, projection)
+            if isinstance(module, KeyLockedLinear):
+                setattr(layer, projection, module.base_layer)
+    if hasattr(unet, "_keylocked_context"):
+        del unet._keylocked_context
+
+
+def value_layers(unet: nn.Module) -> dict[str, KeyLockedLinear]:
+    """Layer path -> the wrapped ``to_v`` of each cross-attention layer."""
+    return {name: layer.to_v for name, layer in cross_attention_layers(unet).items() if isinstance(layer.to_v, KeyLockedLinear)}
+
+
+def keylocked_layers(unet: nn.Module) -> list[KeyLockedLinear]:
+    return [m for m in unet.modules() if isinstance(m, KeyLockedLinear)]
+
+
+# ---------------------------------------------------------------------------------------
+# Pipeline-level state.
+
+
+@dataclass
+class _Installation:
+    context: KeyLockedContext
+    covariance: Covariance
+    snapshot: TokenizerSnapshot
+    concepts: dict[str, Concept] = field(default_factory=dict)
+    token_ids: dict[str, int] = field(default_factory=dict)
+    superclass_ids: dict[str, int] = field(default_factory=dict)
+    hook: object | None = None
+
+
+def _installation(pipe) -> _Installation | None:
+    return getattr(pipe.unet, "_keylocked_installation", None)
+
+
+def check_concept_fits(concept: Concept, pipe, fingerprint: str | None, source: str = "") -> None:
+    """Raise a clear error if ``concept`` was not made for this pipeline's base model."""
+    where = f"{source}: " if source else ""
+    layers = cross_attention_layers(pipe.unet)
+    embed_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    text_dim = int(pipe.text_encoder.config.hidden_size)
+    if concept.token_embedding.shape[0] != embed_dim or concept.concept_input.shape[0] != text_dim:
+        raise KeylockedError(
+            f"{where}concept was trained on a text encoder of width {concept.concept_input.shape[0]} "
+            f"(embedding {concept.token_embedding.shape[0]}); this model's is {text_dim} ({embed_dim})"
+        )
+    if set(concept.value_targets) != set(layers):
+        missing = sorted(set(layers) - set(concept.value_targets))[:3]
+        extra = sorted(set(concept.value_targets) - set(layers))[:3]
+        raise KeylockedError(
+            f"{where}concept's cross-attention layers do not match this UNet "
+            f"(missing {missing}, unexpected {extra}); it was trained on another base model"
+        )
+    for name, layer in layers.items():
+        expected = getattr(layer.to_v, "base_layer", layer.to_v).out_features
+        if concept.value_targets[name].shape[0] != expected:
+            raise KeylockedError(
+                f"{where}value target of {name} has {concept.value_targets[name].shape[0]} features, "
+                f"the layer has {expected}; the concept was trained on another base model"
+            )
+    if fingerprint and concept.base_model_fingerprint and concept.base_model_fingerprint != fingerprint:
+        raise KeylockedError(
+            f"{where}concept was trained on another base model (fingerprint "
+            f"{concept.base_model_fingerprint[:12]} != {fingerprint[:12]}); pass strict=False "
+            "(--allow_other_base_model) to load it anyway"
+        )
+
+
+def pipeline_fingerprint(pipe) -> str:
+    installation = _installation(pipe)
+    vocab_size = installation.snapshot.vocab_size if installation else base_vocabulary_size(pipe.tokenizer)
+    return base_model_fingerprint(pipe.text_encoder, pipe.unet, vocab_size)
+
+
+def _per_concept(value: PerConcept, token: str, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, Mapping):
+        return float(value.get(token, default))
+    return float(value)
+
+
+def load_concepts(
+    pipe,
+    concepts: Iterable[str | os.PathLike | Concept] | str | os.PathLike | Concept,
+    beta: PerConcept = None,
+    tau: PerConcept = None,
+    lock: Lock = "local",
+    covariance: str | os.PathLike | Covariance | None = None,
+    strict: bool = True,
+) -> list[str]:
+    """Load concept files into a Stable Diffusion-style pipeline; returns their tokens.
+
+    ``beta``/``tau`` are a float for all concepts, a {token: value} mapping, or None for
+    each concept's recommended values. Lower beta = stronger concept; higher = closer to the
+    prompt. ``lock`` is "local" (default) or "global". Call ``unload_concepts`` to restore
+    the stock pipeline.
+    """
+    if isinstance(concepts, (str, os.PathLike, Concept)):
+        concepts = [concepts]
+    concepts = list(concepts)
+    if lock not in ("local", "global"):
+        raise KeylockedError(f"lock must be 'local' or 'global', got {lock!r}")
+    # -- validate everything first ---------------------------------------------------------
+    loaded: list[Concept] = []
+    for item in concepts:
+        concept = item if isinstance(item, Concept) else Concept.load(item)
+        loaded.append(concept)
+    if not loaded:
+        raise KeylockedError("no concepts given")
+    installation = _installation(pipe)
+    tokens = [c.placeholder_token for c in loaded]
+    duplicates = {t for t in tokens if tokens.count(t) > 1} | (set(tokens) & set(installation.concepts if installation else ()))
+    if duplicates:
+        raise KeylockedError(f"concept token(s) {sorted(duplicates)} loaded twice")
+    for token in tokens:
+        check_new_token(pipe.tokenizer, token)
+    fingerprint = pipeline_fingerprint(pipe) if strict else None
+    superclass_ids = {}
+    for concept, item in zip(loaded, concepts):
+        check_concept_fits(concept, pipe, fingerprint, source=str(item) if not isinstance(item, Concept) else "")
+        superclass_ids[concept.placeholder_token] = single_token_id(pipe.tokenizer, concept.superclass_token)
+    if installation is not None:
+        if covariance is not None:
+            raise KeylockedError("concepts are already loaded with a covariance; unload_concepts() first to change it")
+        resolved = installation.covariance
+    elif isinstance(covariance, Covariance):
+        resolved = covariance
+    else:
+        resolved = resolve_covariance(pipe.text_encoder, pipe.tokenizer, covariance)
+    for concept in loaded:
+        if concept.covariance_sha256 and concept.covariance_sha256 != resolved.sha256:
+            logger.warning(
+                "%s was trained with another covariance (sha256 %s…, now %s…); its gate may fire differently",
+                concept.placeholder_token, concept.covariance_sha256[:12], resolved.sha256[:12],
+            )
+    # -- then mutate -----------------------------------------------------------------------
+    if installation is None:
+        snapshot = TokenizerSnapshot(pipe.tokenizer)
+        context = install_keylocked_layers(pipe.unet, resolved.inverse)
+        installation = _Installation(context=context, covariance=resolved, snapshot=snapshot)
+        pipe.unet._keylocked_installation = installation
+        installation.hook = pipe.text_encoder.register_forward_hook(_global_lock_hook(pipe, installation), with_kwargs=True)
+    token_ids = add_tokens(pipe.tokenizer, pipe.text_encoder, {c.placeholder_token: c.token_embedding for c in loaded})
+    installation.token_ids.update(token_ids)
+    installation.superclass_ids.update(superclass_ids)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    context = installation.context
+    context.input_covariance_inv = context.input_covariance_inv.to(device)
+    layers = value_layers(pipe.unet)
+    for concept in loaded:
+        token = concept.placeholder_token
+        installation.concepts[token] = concept
+        context.concepts[token] = ConceptSlot(
+            concept_input=concept.concept_input.to(device, torch.float32),
+            superclass_input=concept.superclass_input.to(device, torch.float32),
+            beta=_per_concept(beta, token, concept.beta),
+            temperature=_per_concept(tau, token, concept.temperature),
+        )
+        for name, layer in layers.items():
+            layer.value_targets[token] = nn.Parameter(concept.value_targets[name].to(device, dtype), requires_grad=False)
+        context.active.add(token)
+    context.lock = lock
+    context.touch()
+    return tokens
+
+
+def set_concept_options(pipe, beta: PerConcept = None, tau: PerConcept = None, lock: Lock | None = None, active: Iterable[str] | None = None) -> None:
+    """Change β, τ, the lock mode or the active set of loaded concepts, without reloading."""
+    installation = _installation(pipe)
+    if installation is None:
+        raise KeylockedError("no keylocked concepts are loaded in this pipeline")
+    context = installation.context
+    if lock is not None:
+        if lock not in ("local", "global"):
+            raise KeylockedError(f"lock must be 'local' or 'global', got {lock!r}")
+        context.lock = lock
+    if active is not None:
+        active = set(active)
+        unknown = active - set(context.concepts)
+        if unknown:
+            raise KeylockedError(f"unknown concept token(s) {sorted(unknown)}; loaded: {sorted(context.concepts)}")
+        context.active = active
+    for token, slot in context.concepts.items():
+        slot.beta = _per_concept(beta, token, slot.beta)
+        slot.temperature = _per_concept(tau, token, slot.temperature)
+    context.touch()
+
+
+def loaded_concepts(pipe) -> dict[str, Concept]:
+    installation = _installation(pipe)
+    return dict(installation.concepts) if installation else {}
+
+
+def unload_concepts(pipe) -> None:
+    """Remove every keylocked concept: tokens, embeddings, wrappers and hooks."""
+    installation = _installation(pipe)
+    if installation is None:
+        return
+    if installation.hook is not None:
+        installation.hook.remove()
+    uninstall_keylocked_layers(pipe.unet)
+    restore_vocabulary(pipe.tokenizer, pipe.text_encoder, installation.snapshot)
+    del pipe.unet._keylocked_installation
+
+
+def _global_lock_hook(pipe, installation: _Installation):
+    """Text-encoder hook: for global locking, also encode each concept prompt with every
+    concept token replaced by its super-category word, for the key path to use."""
+    busy = [False]
+
+    def hook(module, args, kwargs, output):
+        context = installation.context
+        if busy[0] or context.lock != "global" or not context.active:
+            return None
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is None:
+            return None
+        swapped = input_ids.clone()
+        for token in context.active:
+            swapped[input_ids == installation.token_ids[token]] = installation.superclass_ids[token]
+        if torch.equal(swapped, input_ids):
+            return None
+        busy[0] = True
+        try:
+            superclass_output = module(swapped, *args[1:], **kwargs)
+        finally:
+            busy[0] = False
+        context.register_global_pair(output[0], superclass_output[0])
+        return None
+
+    return hook

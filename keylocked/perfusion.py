@@ -1,0 +1,173 @@
+"""The Perfusion math: gated, key-locked rank-one edits of a linear projection.
+
+Pure torch, no diffusers. Reads against Tewel et al. 2023 ("Key-Locked Rank One Editing
+for Text-to-Image Personalization") and ``docs/method.md``.
+
+Legend (paper symbol -> name used here; shapes in comments):
+    e        encodings            (..., d)      text-encoder outputs, one per token
+    C        input_covariance     (d, d)        uncentered second moment E[e eᵀ]
+    C⁻¹      input_covariance_inv (d, d)
+    i*       concept_inputs       (n, d)        one target input per concept
+    o*       output_targets       (n, out)      one target output per concept and projection
+    s(e)     concept_scores       (..., n)      i*ᵀ C⁻¹ e / (i*ᵀ C⁻¹ i*)
+    e⊥       residual             (..., d)      e minus its C⁻¹-projection onto span{i*}
+    β, τ     beta, temperature    (n,)          the sigmoid gate's bias and temperature
+
+    W'e = W e⊥ + Σ_c σ((s_c(e) − β_c) / τ_c) · o*_c
+
+With a single concept and the gate replaced by s(e), this is the ROME closed form
+``W' = W + (o* − W i*)(C⁻¹ i*)ᵀ / (i*ᵀ C⁻¹ i*)`` (see ``rank_one_edit_weight``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+Projection = Callable[[Tensor], Tensor]
+
+
+def _metric_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 stays float64; anything lower is promoted to float32 (the metric is never fp16)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def concept_scores(encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor:
+    """s_c(e) = i_cᵀ C⁻¹ e / (i_cᵀ C⁻¹ i_c): how much each encoding "is" each concept.
+
+    Computed in float32 (or float64) with autocast off, whatever the input dtype.
+    """
+    dtype = _metric_dtype(encodings, concept_inputs, input_covariance_inv)
+    with torch.autocast(encodings.device.type, enabled=False):
+        e = encodings.to(dtype)  # (..., d)
+        i_star = concept_inputs.to(dtype)  # (n, d)
+        metric_inputs = i_star @ input_covariance_inv.to(dtype)  # (n, d)  rows are C⁻¹ i*_c
+        norms = (metric_inputs * i_star).sum(-1)  # (n,)  i*_cᵀ C⁻¹ i*_c
+        return (e @ metric_inputs.T) / norms  # (..., n)
+
+
+def concept_gram(concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor:
+    """G_ab = i*_aᵀ C⁻¹ i*_b, the Gram matrix of the concept inputs under the C⁻¹ metric."""
+    dtype = _metric_dtype(concept_inputs, input_covariance_inv)
+    i_star = concept_inputs.to(dtype)  # (n, d)
+    return i_star @ input_covariance_inv.to(dtype) @ i_star.T  # (n, n)
+
+
+def remove_concept_directions(
+    encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor
+) -> Tensor:
+    """e⊥ = e − I a, with a = G⁻¹ Iᵀ C⁻¹ e the exact C⁻¹-orthogonal projection onto span{i*}.
+
+    For one concept this is e − s(e)·i*. The small Gram system keeps the multi-concept case
+    exact even when the concept inputs are not C⁻¹-orthogonal.
+    """
+    dtype = _metric_dtype(encodings, concept_inputs, input_covariance_inv)
+    with torch.autocast(encodings.device.type, enabled=False):
+        e = encodings.to(dtype)  # (..., d)
+        i_star = concept_inputs.to(dtype)  # (n, d)
+        metric_inputs = i_star @ input_covariance_inv.to(dtype)  # (n, d)
+        gram = metric_inputs @ i_star.T  # (n, n)
+        inner = e @ metric_inputs.T  # (..., n)  i*_cᵀ C⁻¹ e
+        coefficients = torch.linalg.solve(gram, inner.unsqueeze(-1)).squeeze(-1)  # (..., n)
+        residual = e - coefficients @ i_star  # (..., d)
+    return residual.to(encodings.dtype)
+
+
+def concept_gate(scores: Tensor, beta: Tensor | float, temperature: Tensor | float) -> Tensor:
+    """σ((s − β) / τ): ~0 for encodings unlike the concept, ~1 for the concept token."""
+    return torch.sigmoid((scores - beta) / temperature)
+
+
+def keylocked_projection(
+    encodings: Tensor,
+    projection: Projection,
+    concept_inputs: Tensor,
+    output_targets: Tensor,
+    input_covariance_inv: Tensor,
+    beta: Tensor | float,
+    temperature: Tensor | float,
+) -> Tensor:
+    """W'e = W e⊥ + Σ_c σ((s_c(e) − β_c)/τ_c) · o*_c  (Eq. 3, multi-concept form).
+
+    ``projection`` is the frozen base layer (``W``, with its bias if any), applied to e⊥.
+    Shapes: encodings (..., d), concept_inputs (n, d), output_targets (n, out) -> (..., out).
+    """
+    residual = remove_concept_directions(encodings, concept_inputs, input_covariance_inv)  # (..., d)
+    gates = concept_gate(
+        concept_scores(encodings, concept_inputs, input_covariance_inv), beta, temperature
+    )  # (..., n)
+    base = projection(residual)  # (..., out)
+    return base + (gates.to(output_targets.dtype) @ output_targets).to(base.dtype)  # (..., out)
+
+
+def rank_one_edit_weight(
+    weight: Tensor, concept_input: Tensor, output_target: Tensor, input_covariance_inv: Tensor
+) -> Tensor:
+    """ROME's closed form W' = W + (o* − W i*)(C⁻¹ i*)ᵀ / (i*ᵀ C⁻¹ i*), for tests and analysis.
+
+    weight (out, d), concept_input (d,), output_target (out,) -> (out, d).
+    """
+    metric_input = input_covariance_inv @ concept_input  # (d,)
+    return weight + torch.outer(output_target - weight @ concept_input, metric_input) / (
+        concept_input @ metric_input
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The input covariance C = E[e eᵀ] of the text encoder's outputs.
+
+
+class SecondMomentAccumulator:
+    """Running uncentered second moment of row vectors, accumulated in float64."""
+
+    def __init__(self, dim: int):
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)  # (d, d)
+        self.count = 0
+
+    def update(self, rows: Tensor) -> None:
+        rows = rows.detach().reshape(-1, rows.shape[-1]).to("cpu", torch.float64)  # (N, d)
+        self.sum_outer += rows.T @ rows
+        self.count += rows.shape[0]
+
+    def second_moment(self) -> Tensor:
+        if self.count == 0:
+            raise ValueError("no encodings were accumulated; the covariance corpus is empty")
+        return self.sum_outer / self.count  # (d, d)
+
+
+def second_moment(batches: Iterable[Tensor]) -> tuple[Tensor, int]:
+    """C = E[e eᵀ] over all rows of all batches, in float64; returns (C, row count)."""
+    accumulator = None
+    for rows in batches:
+        if accumulator is None:
+            accumulator = SecondMomentAccumulator(rows.shape[-1])
+        accumulator.update(rows)
+    if accumulator is None:
+        raise ValueError("no encodings were accumulated; the covariance corpus is empty")
+    return accumulator.second_moment(), accumulator.count
+
+
+def invert_covariance(
+    covariance: Tensor, ridge: float = 1e-4, max_condition: float = 1e6
+) -> tuple[Tensor, float, float]:
+    """Invert C in float64, adding ``ridge · mean eigenvalue · I`` when C is ill-conditioned.
+
+    Returns (C⁻¹, ridge actually added as a fraction of the mean eigenvalue, condition
+    number of the matrix that was inverted).
+    """
+    covariance = covariance.to(torch.float64)
+    covariance = (covariance + covariance.T) / 2
+    eigenvalues = torch.linalg.eigvalsh(covariance)  # (d,) ascending
+    condition = float(eigenvalues[-1] / eigenvalues[0].clamp_min(1e-300))
+    added_ridge = 0.0
+    if not eigenvalues[0] > 0 or condition > max_condition:
+        added_ridge = ridge
+        mean_eigenvalue = eigenvalues.mean()
+        covariance = covariance + ridge * mean_eigenvalue * torch.eye(
+            covariance.shape[0], dtype=torch.float64
+        )
+        eigenvalues = eigenvalues + ridge * mean_eigenvalue
+        condition = float(eigenvalues[-1] / eigenvalues[0])
+    return torch.linalg.inv(covariance), added_ridge, condition

@@ -1,0 +1,131 @@
+"""Instance images and prompts for concept training.
+
+Randomness is a pure function of (seed, step), so a resumed run draws exactly the batches an
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from ..base_model import KeylockedError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+# Textual Inversion's object templates (diffusers examples/textual_inversion).
+OBJECT_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """EXIF-rotate, then convert any mode to RGB (transparency composited on ``background``)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    if image.mode == "CMYK":
+        return image.convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        span = array.max() - array.min()
+        array = (array - array.min()) / (span if span > 0 else 1.0) * 255.0
+        image = Image.fromarray(array.astype(np.uint8))
+    return image.convert("RGB")
+
+
+def load_instance_images(
+    data_dir: str | os.PathLike, resolution: int, min_size: int | None = None
+) -> list[Image.Image]:
+    """Read, validate and square-crop the user's images to ``resolution``."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise KeylockedError(f"instance data directory not found: {data_dir}")
+    paths = [data_dir] if data_dir.is_file() else sorted(
+        p for p in data_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+    )
+    min_size = min_size if min_size is not None else max(8, resolution // 2)
+    images, problems = [], []
+    for path in paths:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            with Image.open(path) as handle:
+                handle.load()
+                image = to_rgb(handle)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            problems.append(f"{path.name}: unreadable image ({error.__class__.__name__}: {error})")
+            continue
+        if min(image.size) < min_size:
+            problems.append(f"{path.name}: {image.size[0]}x{image.size[1]} is smaller than {min_size}px")
+            continue
+        images.append(ImageOps.fit(image, (resolution, resolution), Image.Resampling.BICUBIC))
+    if problems:
+        raise KeylockedError("bad instance images in " + str(data_dir) + ":\n  " + "\n  ".join(problems))
+    if not images:
+        raise KeylockedError(
+            f"no images found in {data_dir} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return images
+
+
+def images_to_tensor(images: list[Image.Image]) -> Tensor:
+    """(N, 3, H, W) in [-1, 1]."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])  # (N, H, W, 3)
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator seeded by (seed, step): batches do not depend on what ran before."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919) % (2**63 - 1))
+
+
+def sample_batch(
+    instance_pixels: Tensor, batch_size: int, generator: torch.Generator, flip: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Draw images (with random horizontal flips) and template indices for one batch."""
+    indices = torch.randint(len(instance_pixels), (batch_size,), generator=generator)
+    pixels = instance_pixels[indices].clone()  # (B, 3, H, W)
+    if flip:
+        flips = torch.rand(batch_size, generator=generator) < 0.5
+        pixels[flips] = pixels[flips].flip(-1)
+    templates = torch.randint(len(OBJECT_TEMPLATES), (batch_size,), generator=generator)
+    return pixels, templates
+
+
+def prompts_for(templates: Tensor, word: str) -> list[str]:
+    return [OBJECT_TEMPLATES[int(i)].format(word) for i in templates]
