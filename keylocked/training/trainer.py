@@ -171,7 +171,7 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         use_attention_mask = config.mask == "attention"
         vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         progress = tqdm(total=config.max_train_steps, initial=global_step, desc="train", disable=not config.progress, unit="step")
-        started = time.perf_counter()
+        started, start_step = time.perf_counter(), global_step
         while global_step < config.max_train_steps:
             for micro in range(config.gradient_accumulation_steps):
                 generator = step_generator(config.seed, global_step * config.gradient_accumulation_steps + micro + 1)
@@ -185,7 +185,7 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
                     optimizer.zero_grad(set_to_none=True)
             global_step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", s_per_step=f"{(time.perf_counter() - started) / (progress.n - progress.initial):.2f}")
+            progress.set_postfix(loss=f"{loss.item():.4f}", s_per_step=f"{(time.perf_counter() - started) / (global_step - start_step):.2f}")
             if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
                 _save_checkpoint(accelerator, config, output_dir, global_step, params, layers, fingerprint, covariance.sha256, superclass_id)
             if config.validation_prompt and (global_step % config.validation_steps == 0 or global_step == config.max_train_steps):
