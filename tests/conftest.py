@@ -48,8 +48,10 @@ def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32, prediction
     )
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
+    for module in (text_encoder, unet, vae):
+        module.eval()  # as from_pretrained leaves them: no dropout
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -1,0 +1,203 @@
+"""Fast tests of the emoji-world data/caption logic and the shipped emoji-64 pipeline."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emoji_world.catalog import load_splits
+from emoji_world.compose import (COLOURS, IMAGE_SIZE, MARGIN, PLACEMENTS, SIZE_RANGES, augmented_view,
+                                 compose, make_caption)
+
+SPRITE_COLOURS = [(255, 0, 255), (0, 255, 255), (10, 200, 120), (120, 60, 20)]
+
+
+def solid_sprite(rgb, inset: int = 0) -> np.ndarray:
+    """A 64×64 RGBA sprite: an opaque square of ``rgb`` (inset pixels transparent around it)."""
+    sprite = np.zeros((64, 64, 4), dtype=np.uint8)
+    sprite[inset:64 - inset, inset:64 - inset] = (*rgb, 255)
+    return sprite
+
+
+@pytest.fixture(scope="module")
+def sprites():
+    return [solid_sprite(c) for c in SPRITE_COLOURS], ["fox face", "apple", "racing car", "owl"]
+
+
+@pytest.mark.parametrize("names, colour, size, placement, expected", [
+    (["fox face"], None, "", "", "a fox face"),
+    (["apple"], "blue", "", "", "an apple on a blue background"),
+    (["cactus"], "orange", "small", "in the top left corner",
+     "a small cactus in the top left corner on an orange background"),
+    (["owl"], None, "large", "", "a large owl"),
+    (["cat face", "red apple"], "white", "", "", "a cat face and a red apple on a white background"),
+])
+def test_make_caption(names, colour, size, placement, expected):
+    assert make_caption(names, colour, size, placement) == expected
+
+
+def test_make_caption_rejects_empty():
+    with pytest.raises(ValueError):
+        make_caption([])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compose_caption_matches_image(sprites, seed):
+    images, names = sprites
+    image, caption, layout = compose(images, names, np.random.default_rng(seed), p_pair=0.3)
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.uint8
+    # the border ring (MARGIN pixels wide) is exactly the layout's named colour
+    border = np.concatenate([image[:MARGIN].reshape(-1, 3), image[-MARGIN:].reshape(-1, 3),
+                             image[:, :MARGIN].reshape(-1, 3), image[:, -MARGIN:].reshape(-1, 3)])
+    assert (border == np.array(COLOURS[layout.colour])).all()
+    # caption mentions the colour iff the layout says so, and then the right one
+    mentioned = re.findall(r"on an? (\w+) background", caption)
+    assert mentioned == ([layout.colour] if layout.mention_colour else [])
+    # every object's name appears, in order
+    assert caption.startswith(("a ", "an "))
+    positions = [caption.index(names[p.index]) for p in layout.objects]
+    assert positions == sorted(positions)
+    # size words and placement phrases match the sprite geometry
+    for placed in layout.objects:
+        assert MARGIN <= placed.x and placed.x + placed.size <= IMAGE_SIZE - MARGIN
+        assert MARGIN <= placed.y and placed.y + placed.size <= IMAGE_SIZE - MARGIN
+    if len(layout.objects) == 1:
+        (placed,) = layout.objects
+        lo, hi = SIZE_RANGES[layout.size_word]
+        assert lo <= placed.size <= hi
+        assert (f"a {layout.size_word} " in caption) == bool(layout.size_word)
+        if layout.placement:
+            assert layout.placement in caption and layout.size_word == "small"
+            fx, fy = PLACEMENTS[layout.placement]
+            cx, cy = placed.x + placed.size / 2, placed.y + placed.size / 2
+            for frac, centre in ((fx, cx), (fy, cy)):
+                if frac == 0.0:
+                    assert centre < IMAGE_SIZE / 2
+                elif frac == 1.0:
+                    assert centre > IMAGE_SIZE / 2
+        # the sprite's own colour is drawn where the layout put it
+        cy, cx = placed.y + placed.size // 2, placed.x + placed.size // 2
+        assert tuple(image[cy, cx]) == SPRITE_COLOURS[placed.index]
+    else:
+        left, right = layout.objects
+        assert left.x + left.size <= IMAGE_SIZE // 2 <= right.x
+        assert " and " in caption
+
+
+def test_compose_is_deterministic(sprites):
+    images, names = sprites
+    a = compose(images, names, np.random.default_rng(7))
+    b = compose(images, names, np.random.default_rng(7))
+    assert (a[0] == b[0]).all() and a[1] == b[1]
+
+
+def test_augmented_view_shape_and_background():
+    view = augmented_view(solid_sprite((255, 0, 255), inset=16), np.random.default_rng(0), "yellow")
+    assert view.shape == (64, 64, 3)
+    assert tuple(view[0, 0]) == COLOURS["yellow"]
+
+
+# ---- held-out splits -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_splits()
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    from emoji_world.common import load_text_encoder, text_model_dir
+    from transformers import BertTokenizer
+
+    return BertTokenizer.from_pretrained(text_model_dir(), model_max_length=32)
+
+
+def test_held_out_sets_are_disjoint(splits):
+    demo, bench, train = set(splits["demo"]), set(splits["benchmark"]), set(splits["train"])
+    assert 3 <= len(demo) <= 4 and len(bench) >= 10
+    assert not demo & bench and not demo & train and not bench & train
+
+
+def test_super_categories_are_single_tokens_seen_in_training(splits, bert_tokenizer):
+    train_words = {w for name in splits["train"] for w in name.split()}
+    for name, word in {**splits["demo"], **splits["benchmark"]}.items():
+        assert bert_tokenizer.tokenize(word) == [word], (name, word)
+        assert word in train_words, (name, word)
+
+
+def test_colour_words_are_single_tokens(bert_tokenizer):
+    for colour in COLOURS:
+        assert bert_tokenizer.tokenize(colour) == [colour]
+
+
+def test_catalogue_holds_held_out_and_excludes_flags(splits):
+    from emoji_world.catalog import GEMOJIONE_INDEX, NOTO_FONT, build_catalog
+
+    if not (NOTO_FONT.exists() and GEMOJIONE_INDEX.exists()):
+        pytest.skip("Debian emoji packages not installed")
+    names = {c.name for c in build_catalog()}
+    assert set(splits["demo"]) | set(splits["benchmark"]) <= names
+    assert not any(re.search(r"\bflag\b|\bsymbol\b|\btone\b", n) for n in names)
+
+
+# ---- the shipped pipeline --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    from keylocked.models import load_pipeline
+
+    return load_pipeline("emoji-64")
+
+
+def test_pipeline_loads_offline_and_is_deterministic(pipe, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = lambda: pipe("a fox face on a blue background", num_inference_steps=2, output_type="np",
+                       generator=torch.Generator().manual_seed(0)).images
+    a, b = run(), run()
+    assert a.shape == (1, 64, 64, 3)
+    assert np.array_equal(a, b)
+    assert pipe.tokenizer.model_max_length == 32
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 384
+
+
+def test_shipped_weights_are_small():
+    from keylocked.models import EMBEDDED_MODELS
+
+    folder = EMBEDDED_MODELS["emoji-64"]
+    total = sum((folder / sub / "diffusion_pytorch_model.safetensors").stat().st_size for sub in ("unet", "vae"))
+    assert total < 40 * 2**20
+    assert not (folder / "text_encoder").exists()
+
+
+def test_demo_concept_images():
+    from keylocked.models import demo_concept_images, demo_concepts, demo_super_category
+
+    concepts = demo_concepts()
+    assert concepts == load_splits()["demo"]
+    for name in concepts:
+        paths = demo_concept_images(name)
+        assert 4 <= len(paths) <= 6
+        for path in paths:
+            with Image.open(path) as image:
+                assert image.size == (64, 64)
+    assert demo_super_category("teddy bear") == "bear"
+    with pytest.raises(ValueError):
+        demo_concept_images("unicorn face")
+
+
+def test_resolve_model_errors(tmp_path):
+    from keylocked.models import resolve_model
+
+    with pytest.raises(ValueError):
+        resolve_model("no-such-model")
+    with pytest.raises(FileNotFoundError):
+        resolve_model(str(tmp_path / "missing"))
+    with pytest.raises(ValueError):
+        resolve_model(tmp_path)  # a folder without model_index.json
+    (tmp_path / "model_index.json").write_text("{}")
+    assert resolve_model(tmp_path) == tmp_path
