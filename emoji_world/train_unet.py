@@ -1,0 +1,146 @@
+"""Train the emoji-64 UNet (latent diffusion, epsilon prediction) on on-the-fly compositions.
+
+    python -m emoji_world.train_unet --data data/emoji-world --vae runs/emoji-64/vae/final \
+        --output runs/emoji-64/unet --max_minutes 110 --threads 1
+
+Each step: fresh compositions -> VAE latents (×scaling_factor) -> DDPM noise at a uniform
+timestep -> UNet predicts the noise, conditioned on MiniLM encodings of the captions
+(10% dropped to "" for classifier-free guidance).  An EMA of the weights is kept and is what
+``emoji_world.export`` ships.  Checkpoints every few minutes; ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .common import (SCHEDULER_CONFIG, UNET_CONFIG, CaptionEncoder, load_text_encoder, make_batch,
+                     pick_device, save_checkpoint, seed_everything, training_sprites)
+
+
+@dataclass
+class UnetTrainConfig:
+    data: Path = Path("data/emoji-world")
+    vae: Path = Path("runs/emoji-64/vae/final")
+    output: Path = Path("runs/emoji-64/unet")
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    p_drop_caption: float = 0.1
+    p_pair: float = 0.15
+    max_steps: int = 1_000_000
+    max_minutes: float = 110.0
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.p_drop_caption < 1 or not 0 < self.ema_decay < 1:
+            raise ValueError(f"bad UNet training config: batch_size={self.batch_size}, lr={self.lr}, "
+                             f"p_drop_caption={self.p_drop_caption}, ema_decay={self.ema_decay}")
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def train(cfg: UnetTrainConfig) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    sprites, names = training_sprites(cfg.data)
+    tokenizer, text_encoder = load_text_encoder()
+    encode = CaptionEncoder(tokenizer, text_encoder.to(device))
+    vae = AutoencoderKL.from_pretrained(cfg.vae).to(device).eval().requires_grad_(False)
+    scaling = vae.config.scaling_factor
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup_steps)
+    ckpt_path = cfg.output / "checkpoint.pt"
+    step, elapsed = 0, 0.0
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device)
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
+    print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {len(set(names))} concepts, "
+          f"{len(sprites)} sprites, device {device}, threads {cfg.threads}", flush=True)
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {"format": "emoji-64-unet-train", "version": 1, "model": unet.state_dict(),
+                                    "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                    "elapsed": elapsed, "config": UNET_CONFIG, "vae": str(cfg.vae)})
+
+    unet.train()
+    start, last_ckpt, smooth = time.time() - elapsed, time.time(), None
+    session_start, session_step0 = time.time(), step
+    bar = tqdm(initial=step, total=cfg.max_steps, mininterval=30, desc="unet")
+    while step < cfg.max_steps and (time.time() - session_start) / 60 < cfg.max_minutes:
+        # fresh compositions and their caption encodings (10% dropped to "")
+        pixels, captions = make_batch(sprites, names, cfg.batch_size, cfg.seed, step,
+                                      cfg.p_drop_caption, cfg.p_pair)
+        cond = encode(captions).to(device)  # (B, 32, 384)
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(device)).latent_dist.sample() * scaling  # (B, 4, 16, 16)
+        # forward diffusion at uniform timesteps
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        # epsilon prediction loss
+        loss = F.mse_loss(unet(noisy, t, cond).sample, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        elapsed = time.time() - start
+        smooth = loss.item() if smooth is None else 0.99 * smooth + 0.01 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{smooth:.4f}", min=f"{elapsed / 60:.1f}", refresh=False)
+        if step % 100 == 0:
+            rate = (time.time() - session_start) / max(1, step - session_step0)
+            print(f"step {step} loss {smooth:.4f} elapsed {elapsed / 60:.1f} min ({rate:.2f} s/step, "
+                  f"{len(encode.cache)} cached captions)", flush=True)
+        if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+            checkpoint()
+            last_ckpt = time.time()
+    bar.close()
+    checkpoint()
+    print(f"done: {step} steps, {elapsed / 60:.1f} min total", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in vars(UnetTrainConfig()).items():
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name}", action="store_true")
+        else:
+            parser.add_argument(f"--{name}", type=type(value), default=value)
+    train(UnetTrainConfig(**vars(parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

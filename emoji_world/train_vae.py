@@ -1,0 +1,132 @@
+"""Train the emoji-64 VAE (AutoencoderKL, 64×64×3 <-> 16×16×4) on on-the-fly compositions.
+
+    python -m emoji_world.train_vae --data data/emoji-world --output runs/emoji-64/vae --max_minutes 12
+
+Trains on random 32×32 crops of the 64×64 compositions (the model is convolutional).
+Loss: L1 + MSE reconstruction + a small KL term.  Checkpoints every few minutes to
+``<output>/checkpoint.pt`` (``--resume`` continues); at the end the model is saved with
+``save_pretrained`` to ``<output>/final`` with ``scaling_factor`` = 1 / std of the latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .common import VAE_CONFIG, make_batch, pick_device, save_checkpoint, seed_everything, training_sprites
+
+
+@dataclass
+class VaeTrainConfig:
+    data: Path = Path("data/emoji-world")
+    output: Path = Path("runs/emoji-64/vae")
+    batch_size: int = 32
+    crop: int = 32  # train on random crops (fully convolutional; 4× cheaper than 64×64)
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    max_steps: int = 100_000
+    max_minutes: float = 12.0
+    checkpoint_minutes: float = 3.0
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.lr <= 0 or self.max_minutes <= 0:
+            raise ValueError(f"bad VAE training config: batch_size={self.batch_size}, lr={self.lr}, "
+                             f"max_minutes={self.max_minutes}")
+
+
+@torch.no_grad()
+def latent_std(vae, sprites, names, device, batches: int = 8, batch_size: int = 32) -> float:
+    """Std of VAE latent samples over fresh compositions (for ``scaling_factor``)."""
+    values = []
+    for i in range(batches):
+        pixels, _ = make_batch(sprites, names, batch_size, seed=12345, step=i)
+        values.append(vae.encode(pixels.to(device)).latent_dist.sample().flatten())
+    return float(torch.cat(values).std())
+
+
+def train(cfg: VaeTrainConfig) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    sprites, names = training_sprites(cfg.data)
+    vae = AutoencoderKL(**VAE_CONFIG).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ckpt_path = cfg.output / "checkpoint.pt"
+    step, elapsed = 0, 0.0
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {"format": "emoji-64-vae-train", "version": 1, "model": vae.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
+                                    "config": VAE_CONFIG})
+
+    vae.train()
+    start, last_ckpt, smooth = time.time() - elapsed, time.time(), None
+    bar = tqdm(initial=step, total=cfg.max_steps, mininterval=20, desc="vae")
+    while step < cfg.max_steps and (time.time() - start) / 60 < cfg.max_minutes:
+        # fresh compositions (captions unused)
+        pixels, _ = make_batch(sprites, names, cfg.batch_size, cfg.seed, step)
+        if cfg.crop < pixels.shape[-1]:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            y, x = torch.randint(0, pixels.shape[-1] - cfg.crop + 1, (2,), generator=gen).tolist()
+            pixels = pixels[:, :, y:y + cfg.crop, x:x + cfg.crop]
+        pixels = pixels.to(device)  # (B, 3, crop, crop)
+        # encode, sample, decode
+        posterior = vae.encode(pixels).latent_dist
+        recon = vae.decode(posterior.sample()).sample  # (B, 3, crop, crop)
+        # reconstruction + small KL
+        loss = (recon - pixels).abs().mean() + ((recon - pixels) ** 2).mean() + cfg.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        elapsed = time.time() - start
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{smooth:.4f}", min=f"{elapsed / 60:.1f}", refresh=False)
+        if step % 100 == 0:
+            print(f"step {step} loss {smooth:.4f} elapsed {elapsed / 60:.1f} min ({elapsed / step:.2f} s/step)", flush=True)
+        if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
+            checkpoint()
+            last_ckpt = time.time()
+    bar.close()
+    checkpoint()
+    vae.eval()
+    std = latent_std(vae, sprites, names, device)
+    vae.register_to_config(scaling_factor=1.0 / std)
+    final = cfg.output / "final"
+    vae.save_pretrained(final)
+    print(f"done: {step} steps, {elapsed / 60:.1f} min, latent std {std:.4f}, saved {final}", flush=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = VaeTrainConfig()
+    for name, value in vars(defaults).items():
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name}", action="store_true")
+        else:
+            parser.add_argument(f"--{name}", type=type(value), default=value)
+    train(VaeTrainConfig(**vars(parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()
