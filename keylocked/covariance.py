@@ -160,7 +160,7 @@ def estimate_covariance(
         "ridge": repr(added_ridge),
         "condition_number": f"{condition:.6g}",
     }
-    return Covariance(inverse.float(), fingerprint, info)
+    return Covariance(inverse.float().contiguous(), fingerprint, info)
 
 
 def cache_dir() -> Path:

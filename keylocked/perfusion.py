@@ -170,4 +170,5 @@ def invert_covariance(
         )
         eigenvalues = eigenvalues + ridge * mean_eigenvalue
         condition = float(eigenvalues[-1] / eigenvalues[0])
-    return torch.linalg.inv(covariance), added_ridge, condition
+    # contiguous: linalg.inv returns column-major memory, and matmul results depend on layout
+    return torch.linalg.inv(covariance).contiguous(), added_ridge, condition
