@@ -31,6 +31,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     mask: str = "attention"  # "attention" | "none" | a folder of mask images
     random_flip: bool = True
+    prompt_templates: tuple[str, ...] | None = None  # None: Textual Inversion's object templates
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     checkpointing_steps: int = 100
@@ -70,8 +71,19 @@ class TrainConfig:
             raise KeylockedError(f"concept_dtype must be 'fp16' or 'fp32', got {self.concept_dtype!r}")
         if not self.placeholder_token or any(c.isspace() for c in self.placeholder_token):
             raise KeylockedError(f"placeholder_token must be one word without spaces, got {self.placeholder_token!r}")
+        if self.prompt_templates is not None:
+            self.prompt_templates = tuple(self.prompt_templates)
+            bad = [t for t in self.prompt_templates if t.count("{}") != 1]
+            if not self.prompt_templates or bad:
+                raise KeylockedError(f"prompt_templates must each contain one '{{}}', got {bad or 'none'}")
         if not self.superclass_token.strip():
             raise KeylockedError("superclass_token must not be empty")
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        from .data import OBJECT_TEMPLATES
+
+        return self.prompt_templates or OBJECT_TEMPLATES
 
     @property
     def effective_batch_size(self) -> int:

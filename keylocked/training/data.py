@@ -115,7 +115,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def sample_batch(
-    instance_pixels: Tensor, batch_size: int, generator: torch.Generator, flip: bool = True
+    instance_pixels: Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    flip: bool = True,
+    num_templates: int = len(OBJECT_TEMPLATES),
 ) -> tuple[Tensor, Tensor]:
     """Draw images (with random horizontal flips) and template indices for one batch."""
     indices = torch.randint(len(instance_pixels), (batch_size,), generator=generator)
@@ -123,9 +127,9 @@ def sample_batch(
     if flip:
         flips = torch.rand(batch_size, generator=generator) < 0.5
         pixels[flips] = pixels[flips].flip(-1)
-    templates = torch.randint(len(OBJECT_TEMPLATES), (batch_size,), generator=generator)
+    templates = torch.randint(num_templates, (batch_size,), generator=generator)
     return pixels, templates
 
 
-def prompts_for(templates: Tensor, word: str) -> list[str]:
-    return [OBJECT_TEMPLATES[int(i)].format(word) for i in templates]
+def prompts_for(indices: Tensor, word: str, templates: tuple[str, ...] = OBJECT_TEMPLATES) -> list[str]:
+    return [templates[int(i)].format(word) for i in indices]

@@ -131,9 +131,9 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
     try:
         # i*_super: mean encoding of the super-category word in the first batch's prompts
         first = step_generator(config.seed, 0)
-        _, templates = sample_batch(instance, config.effective_batch_size, first)
+        _, templates = sample_batch(instance, config.effective_batch_size, first, num_templates=len(config.templates))
         with torch.no_grad():
-            encodings, ids = encode_prompts(text_encoder, tokenizer, prompts_for(templates, config.superclass_token))
+            encodings, ids = encode_prompts(text_encoder, tokenizer, prompts_for(templates, config.superclass_token, config.templates))
             superclass_input = encodings[ids == superclass_id].float().mean(0)  # (d_text,)
         context = install_keylocked_layers(unet, covariance.inverse.to(device))
         layers = value_layers(unet)
@@ -207,7 +207,9 @@ def _training_step(
     params, context, placeholder_id, probe, use_attention_mask, vae_scale, device, weight_dtype,
 ) -> Tensor:
     """One micro-batch: encode, noise, predict, masked loss; updates the i* EMA."""
-    batch, templates = sample_batch(instance, config.train_batch_size, generator, flip=config.random_flip)
+    batch, templates = sample_batch(
+        instance, config.train_batch_size, generator, flip=config.random_flip, num_templates=len(config.templates)
+    )
     pixels, user_mask = batch[:, :3], (batch[:, 3:] if batch.shape[1] == 4 else None)
     # latents and noise
     with torch.no_grad():
@@ -222,7 +224,7 @@ def _training_step(
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     # text: the concept token's encodings drive the i* EMA (the gate's anchor)
-    encodings, ids = encode_prompts(text_encoder, tokenizer, prompts_for(templates, config.placeholder_token))
+    encodings, ids = encode_prompts(text_encoder, tokenizer, prompts_for(templates, config.placeholder_token, config.templates))
     is_placeholder = ids == placeholder_id  # (B, T)
     with torch.no_grad():
         observed = encodings[is_placeholder].float().mean(0)  # (d_text,)
