@@ -32,8 +32,7 @@ def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32, prediction
             vocab_size=tokenizer.vocab_size, hidden_size=cross_attention_dim, num_hidden_layers=2,
             num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
         ),
-        add_pooling_layer=False,
-    )
+    )  # with its pooler, as BertModel.from_pretrained builds it: a saved folder reloads to the same weights
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(16, 32),
