@@ -120,7 +120,7 @@ def test_covariance_prints_and_saves(capsys, tiny_model_dir, root):
     covariance = Covariance.load(output)
     printed = dict(line.split(None, 1) for line in out.strip().splitlines())
     assert printed["sha256"] == covariance.sha256
-    assert int(printed["count"]) == int(covariance.info["count"]) == 2 * 6  # [CLS] w w w w [SEP] per caption
+    assert int(printed["count"]) == int(covariance.info["count"]) == 2 * 7  # [CLS] 5 words [SEP] per caption
     assert float(printed["condition_number"]) > 1 and float(printed["ridge"]) >= 0
     assert covariance.info["corpus"] == str(captions)
     assert not list(root.glob(".cov-2*"))  # no temporary left beside it
@@ -180,7 +180,7 @@ def test_inspect_covariance_json(capsys, covariance_run):
     description = json.loads(out)
     assert description["format"] == "keylocked.covariance" and description["dimension"] == 32
     assert description["sha256"] == Covariance.load(covariance_run[0]).sha256
-    assert description["count"] == "22" and description["dtype"] == "F32"
+    assert description["count"] == "26" and description["dtype"] == "F32"
 
 
 def test_generate_one_concept(capsys, tiny_model_dir, concept_a, covariance_run, root):

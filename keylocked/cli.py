@@ -1,0 +1,220 @@
+"""The ``keylocked`` command: argv -> config dataclass -> library function, nothing else.
+
+Verbs: covariance, train, generate, inspect, demo. Flags are spelled as in diffusers'
+training scripts (``--pretrained_model_name_or_path``, ``--train_batch_size``); those of
+``train`` and ``generate`` are generated from the config dataclasses' fields, so they
+cannot drift from them.
+
+Extension point: ``keylocked demo ARGS...`` imports ``keylocked.demo`` only when run and
+calls its ``main(argv: list[str]) -> int | None`` with the remaining arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .base_model import KeylockedError
+from .generate import GenerateConfig
+from .training.config import TrainConfig
+
+EXIT_USER_ERROR = 2
+
+TRAIN_HELP = {
+    "instance_data_dir": "folder of images of the concept (or one image file)",
+    "placeholder_token": "the new word for the concept, e.g. '<my-teddy>' (must not be in the vocabulary)",
+    "superclass_token": "the super-category word whose keys are locked, e.g. 'teddy' (one token)",
+    "resolution": "training image size (default: the model's native size)",
+    "mask": "loss mask: 'attention' (the UNet's own map of the concept), 'none', or a folder of mask images",
+    "resume_from_checkpoint": "a checkpoint folder or 'latest'",
+    "covariance": "covariance file from `keylocked covariance` (default: the cached vocabulary covariance)",
+    "inference_beta": "recommended inference beta written into the concept file",
+    "inference_tau": "recommended inference tau written into the concept file",
+}
+GENERATE_FLAGS: dict[str, dict[str, Any]] = {
+    "concepts": dict(flags=["--concept"], action="append", required=True, metavar="FILE",
+                     help="a concept file; repeat for several concepts"),
+    "beta": dict(nargs="+", type=float, metavar="BETA",
+                 help="gate bias: one value for all concepts or one per concept (default: each file's "
+                      "recommendation); lower = stronger concept, higher = closer to the prompt"),
+    "tau": dict(nargs="+", type=float, metavar="TAU", help="gate temperature: one value or one per concept"),
+    "lock": dict(help="key locking: 'local' (default) or 'global' (use a lower beta)"),
+    "covariance": dict(help=TRAIN_HELP["covariance"]),
+    "allow_other_base_model": dict(help="load concepts whose base-model fingerprint differs from this model's"),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Flags from dataclass fields.
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, overrides: dict[str, dict[str, Any]] | None = None, help: dict[str, str] | None = None) -> None:
+    """One ``--field_name`` flag per dataclass field (required when the field has no default)."""
+    overrides, help = overrides or {}, help or {}
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kwargs: dict[str, Any] = {"dest": field.name}
+        annotation = _unwrap_optional(hints[field.name])
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+        notes = [help[field.name]] if field.name in help else []
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = argparse.SUPPRESS  # the dataclass's own default applies
+            if not any("default" in note for note in notes):
+                notes.append(f"(default: {field.default!r})")
+        if notes:
+            kwargs["help"] = " ".join(notes)
+        kwargs.update(overrides.get(field.name, {}))
+        flags = kwargs.pop("flags", [f"--{field.name}"])
+        parser.add_argument(*flags, **kwargs)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace):
+    names = {field.name for field in dataclasses.fields(cls)}
+    return cls(**{name: value for name, value in vars(args).items() if name in names})
+
+
+# ---------------------------------------------------------------------------------------
+# Verbs.
+
+
+def _covariance(args: argparse.Namespace) -> None:
+    from .covariance import estimate_covariance, read_captions
+    from .models import load_pipeline
+
+    captions = read_captions(args.captions) if args.captions else None
+    output = Path(args.output)
+    if output.is_dir():
+        raise KeylockedError(f"--output {output} is a folder; give a file name")
+    pipe = load_pipeline(args.pretrained_model_name_or_path)
+    covariance = estimate_covariance(
+        pipe.text_encoder, pipe.tokenizer, captions, corpus_name=str(args.captions) if args.captions else None
+    )
+    covariance.save(output)
+    for label in ("count", "condition_number", "ridge", "corpus"):
+        print(f"{label:<17} {covariance.info[label]}")
+    print(f"{'sha256':<17} {covariance.sha256}")
+    print(f"saved {output}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .training import train_concept
+
+    path = train_concept(dataclass_from_args(TrainConfig, args))
+    print(f"saved {path} ({path.stat().st_size} bytes)")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .generate import generate
+
+    for path in generate(dataclass_from_args(GenerateConfig, args)):
+        print(path)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .describe import describe, format_description
+
+    description = describe(args.file)
+    print(json.dumps(description, indent=2) if args.json else format_description(description))
+
+
+def _demo(argv: list[str]) -> int | None:
+    try:
+        from .demo import main as demo_main
+    except ModuleNotFoundError as error:
+        if error.name not in ("keylocked.demo", f"{__package__}.demo"):
+            raise
+        raise KeylockedError("`keylocked demo` is not available in this installation (no keylocked.demo module)") from error
+    return demo_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keylocked", description="Perfusion (key-locked rank-one editing) for diffusers pipelines.")
+    parser.add_argument("--version", action="version", version=f"keylocked {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    covariance = verbs.add_parser("covariance", help="estimate a text encoder's input covariance C⁻¹ and save it")
+    covariance.add_argument("--pretrained_model_name_or_path", required=True)
+    covariance.add_argument("--captions", help="text file, one caption per line (default: prompts built from the tokenizer's vocabulary)")
+    covariance.add_argument("--output", required=True, help="covariance file to write (.safetensors)")
+    covariance.set_defaults(handler=_covariance)
+
+    train = verbs.add_parser("train", help="train one concept")
+    add_dataclass_arguments(train, TrainConfig, help=TRAIN_HELP)
+    train.set_defaults(handler=_train)
+
+    generate = verbs.add_parser("generate", help="generate images with one or more concepts")
+    add_dataclass_arguments(generate, GenerateConfig, overrides=GENERATE_FLAGS)
+    generate.set_defaults(handler=_generate)
+
+    inspect = verbs.add_parser("inspect", help="show what a concept or covariance file holds")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
+    inspect.set_defaults(handler=_inspect)
+
+    # Listed for --help only: main() hands everything after "demo" to keylocked.demo untouched.
+    verbs.add_parser("demo", help="the demo (if installed); its arguments are passed on", add_help=False)
+    return parser
+
+
+class _StderrHandler(logging.Handler):
+    """'warning: ...' lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("keylocked")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler(logging.INFO))
+        logger.setLevel(logging.INFO)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:1] + ["; ".join(lines[1:])]).strip() if lines else type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        run = lambda: _demo(argv[1:])  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        run = lambda: args.handler(args)  # noqa: E731
+    _setup_logging()
+    try:
+        return run() or 0
+    except (KeylockedError, OSError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
