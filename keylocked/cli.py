@@ -40,7 +40,7 @@ TRAIN_HELP = {
     "inference_tau": "recommended inference tau written into the concept file",
 }
 GENERATE_FLAGS: dict[str, dict[str, Any]] = {
-    "concepts": dict(flags=["--concept"], action="append", required=True, metavar="FILE",
+    "concepts": dict(flags=["--concept"], action="append", nargs=None, required=True, metavar="FILE",
                      help="a concept file; repeat for several concepts"),
     "beta": dict(nargs="+", type=float, metavar="BETA",
                  help="gate bias: one value for all concepts or one per concept (default: each file's "
@@ -77,6 +77,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, override
             kwargs["choices"] = list(typing.get_args(annotation))
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
+        elif typing.get_origin(annotation) in (list, tuple) and typing.get_args(annotation)[0] in (int, float, str):
+            kwargs.update(nargs="+", type=typing.get_args(annotation)[0])
+        elif field.name not in overrides:
+            raise TypeError(f"{cls.__name__}.{field.name}: no command-line flag for type {annotation!r}; add an override")
         notes = [help[field.name]] if field.name in help else []
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             kwargs["required"] = True

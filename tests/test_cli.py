@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,9 +13,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from keylocked import __version__
-from keylocked.cli import main
+from keylocked.cli import add_dataclass_arguments, dataclass_from_args, main
 from keylocked.concept import Concept
 from keylocked.covariance import Covariance
+from keylocked.training import TrainConfig
 
 from conftest import build_tiny_pipeline, write_instance_images
 
@@ -86,7 +89,8 @@ def concept_b(root, tiny_model_dir, covariance_run) -> Path:
         "--placeholder_token", "<mug>", "--superclass_token", "cup", "--output_dir", str(out),
         "--max_train_steps", "2", "--checkpointing_steps", "2", "--covariance", str(covariance_run[0]),
         "--mask", "none", "--seed", "7", "--learning_rate_values", "0.05", "--train_beta", "0.7", "--train_tau", "0.2",
-        "--inference_beta", "0.65", "--inference_tau", "0.12", "--concept_dtype", "fp32", "--no-random_flip", *FAST_TRAIN,
+        "--inference_beta", "0.65", "--inference_tau", "0.12", "--concept_dtype", "fp32", "--no-random_flip",
+        "--prompt_templates", "a photo of a {}", "a {} on a table", *FAST_TRAIN,
     ])
     assert code == 0
     return out / "concept.safetensors"
@@ -109,6 +113,22 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"keylocked {__version__}"
+
+
+def test_train_flags_are_the_config_fields():
+    """Flags are generated from TrainConfig, so a new field is a new flag."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, TrainConfig)
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= {action.dest for action in parser._actions}
+    args = parser.parse_args([
+        "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--placeholder_token", "<t>",
+        "--superclass_token", "bear", "--resolution", "32", "--no-random_flip", "--mixed_precision", "bf16",
+        "--checkpoints_total_limit", "2", "--prompt_templates", "a {}", "the {}",
+    ])
+    config = dataclass_from_args(TrainConfig, args)
+    assert (config.resolution, config.random_flip, config.mixed_precision) == (32, False, "bf16")
+    assert config.checkpoints_total_limit == 2 and config.prompt_templates == ("a {}", "the {}")
+    assert config.max_train_steps == TrainConfig("m", "d", "<t>", "bear").max_train_steps  # unset flags keep the defaults
 
 
 def test_covariance_prints_and_saves(capsys, tiny_model_dir, root):
@@ -323,10 +343,17 @@ def test_missing_model_folder(capsys, tmp_path):
     assert files_under(tmp_path) == []
 
 
-def test_demo_extension_point(capsys):
-    import importlib.util
+def test_demo_extension_point(capsys, monkeypatch):
+    """`keylocked demo ARGS` hands ARGS untouched to keylocked.demo.main, imported only then."""
+    import sys
+    import types
 
-    if importlib.util.find_spec("keylocked.demo") is not None:
-        pytest.skip("keylocked.demo is installed")
+    received = []
+    fake = types.ModuleType("keylocked.demo")
+    fake.main = lambda argv: received.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "keylocked.demo", fake)
+    assert main(["demo", "--quick", "x", "--help"]) == 3
+    assert received == [["--quick", "x", "--help"]]
+    monkeypatch.setitem(sys.modules, "keylocked.demo", None)  # as if not installed
     code, _, err = run(capsys, "demo", "--anything")
     assert_user_error(code, err, "`keylocked demo` is not available")
