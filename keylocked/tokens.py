@@ -51,7 +51,7 @@ def add_tokens(tokenizer, text_encoder: nn.Module, embeddings: dict[str, Tensor]
     for token in embeddings:
         check_new_token(tokenizer, token)
     tokenizer.add_tokens(list(embeddings))
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are overwritten below
     table = text_encoder.get_input_embeddings().weight
     ids = {}
     with torch.no_grad():

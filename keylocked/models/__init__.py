@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..base_model import KeylockedError
+
 _HERE = Path(__file__).resolve().parent
 
 EMBEDDED_MODELS: dict[str, Path] = {"emoji-64": _HERE / "emoji-64"}
@@ -32,15 +34,15 @@ def resolve_model(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
-            raise ValueError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+            raise KeylockedError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
         return path
     if path.exists():
-        raise ValueError(f"{path} is a file; expected a diffusers pipeline folder or one of "
+        raise KeylockedError(f"{path} is a file; expected a diffusers pipeline folder or one of "
                          f"{sorted(EMBEDDED_MODELS)}")
     looks_like_path = any(sep in key for sep in ("/", "\\")) or key.startswith((".", "~"))
     if looks_like_path:
         raise FileNotFoundError(f"model folder not found: {path}")
-    raise ValueError(f"unknown model {key!r}: not an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}) "
+    raise KeylockedError(f"unknown model {key!r}: not an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}) "
                      "and not an existing local folder (no hub downloads are made)")
 
 
@@ -103,7 +105,7 @@ def _check_demo(name: str, model: str) -> str:
     index = _demo_index(model)
     key = name.replace("_", " ")
     if key not in index:
-        raise ValueError(f"unknown demo concept {name!r}; available: {', '.join(sorted(index))}")
+        raise KeylockedError(f"unknown demo concept {name!r}; available: {', '.join(sorted(index))}")
     return key
 
 
