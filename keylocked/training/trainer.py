@@ -202,11 +202,11 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         restore_vocabulary(tokenizer, text_encoder, snapshot)
 
 
-def _training_step(
-    config, instance, generator, tokenizer, text_encoder, unet, vae, noise_scheduler,
-    params, context, placeholder_id, probe, use_attention_mask, vae_scale, device, weight_dtype,
-) -> Tensor:
-    """One micro-batch: encode, noise, predict, masked loss; updates the i* EMA."""
+def noised_batch(config, instance, generator, vae, noise_scheduler, device, weight_dtype):
+    """Draw a micro-batch and noise it; shared with the baselines so every method sees the same batches.
+
+    Returns (latents, noisy_latents, timesteps, target, template indices, user mask or None).
+    """
     batch, templates = sample_batch(
         instance, config.train_batch_size, generator, flip=config.random_flip, num_templates=len(config.templates)
     )
@@ -223,6 +223,23 @@ def _training_step(
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise KeylockedError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
+    return latents, noisy_latents, timesteps, target, templates, user_mask
+
+
+def _training_step(
+    config, instance, generator, tokenizer, text_encoder, unet, vae, noise_scheduler,
+    params, context, placeholder_id, probe, use_attention_mask, vae_scale, device, weight_dtype,
+) -> Tensor:
+    """One micro-batch: encode, noise, predict, masked loss; updates the i* EMA."""
+    latents, noisy_latents, timesteps, target, templates, user_mask = noised_batch(
+        config, instance, generator, vae, noise_scheduler, device, weight_dtype
+    )
     # text: the concept token's encodings drive the i* EMA (the gate's anchor)
     encodings, ids = encode_prompts(text_encoder, tokenizer, prompts_for(templates, config.placeholder_token, config.templates))
     is_placeholder = ids == placeholder_id  # (B, T)
@@ -234,12 +251,6 @@ def _training_step(
     with probing_cross_attention(unet, probe) if use_attention_mask else nullcontext():
         probe.reset(is_placeholder)
         prediction = unet(noisy_latents, timesteps, encodings.to(weight_dtype)).sample
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise KeylockedError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
     mask = None
     if use_attention_mask:
         mask = probe.object_mask(*latents.shape[-2:])
