@@ -34,8 +34,11 @@ def example_folder_name(name: str) -> str:
     return name.replace(" ", "_")
 
 
-def write_examples(output: Path, views: int = 6, seed: int = 0) -> dict:
-    """Augmented 64×64 example photos of each demo concept + ``examples/concepts.json``."""
+def write_examples(output: Path, views: int = 6, seed: int = 0, style: str = "noto") -> dict:
+    """Augmented 64×64 example photos of each demo concept + ``examples/concepts.json``.
+
+    One art style per concept: a personal concept is one object, seen in several views.
+    """
     splits = load_splits()
     concepts = {c.name: c for c in build_catalog()}
     root = output / "examples"
@@ -49,13 +52,11 @@ def write_examples(output: Path, views: int = 6, seed: int = 0) -> dict:
         folder.mkdir(parents=True)
         files = []
         for i in range(views):
-            style = concept.styles[i % len(concept.styles)]
             sprite = to_array(render(concept, style, 64))
             colour = EXAMPLE_BACKGROUNDS[i % len(EXAMPLE_BACKGROUNDS)]
             Image.fromarray(augmented_view(sprite, rng, colour)).save(folder / f"{i:02d}.png")
             files.append(f"{i:02d}.png")
-        index[name] = {"super_category": word, "folder": folder.name, "files": files,
-                       "styles": list(concept.styles)}
+        index[name] = {"super_category": word, "folder": folder.name, "files": files, "style": style}
     (root / "concepts.json").write_text(json.dumps(
         {"format": "keylocked-demo-concepts", "version": 1, "concepts": index}, indent=1) + "\n")
     return index
