@@ -65,7 +65,7 @@ def load_pipeline(name_or_path: str | Path = "emoji-64", torch_dtype=None, devic
 
     folder = resolve_model(name_or_path)
     dtype = torch.float32 if torch_dtype is None else torch_dtype
-    if str(name_or_path) in EMBEDDED_MODELS:
+    if str(name_or_path) in EMBEDDED_MODELS or _needs_packaged_text_encoder(folder):
         from transformers import BertModel, BertTokenizer
 
         te_dir = text_encoder_dir()
@@ -82,6 +82,14 @@ def load_pipeline(name_or_path: str | Path = "emoji-64", torch_dtype=None, devic
     pipe = pipe.to(device=device, dtype=dtype) if device is not None else pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _needs_packaged_text_encoder(folder: Path) -> bool:
+    """True for an emoji-64-style export (e.g. a fresh ``emoji_world.export --output``): no text_encoder/."""
+    info = folder / "export_info.json"
+    if (folder / "text_encoder").exists() or not info.exists():
+        return False
+    return json.loads(info.read_text()).get("format") == "keylocked-embedded-model"
 
 
 def _demo_index(model: str = "emoji-64") -> dict:
