@@ -207,3 +207,37 @@ def test_covariance_uses_real_text_positions_only(tiny_pipe):
     if ridge:
         expected = expected + ridge * torch.linalg.eigvalsh(expected).mean() * torch.eye(expected.shape[0], dtype=torch.float64)
     assert torch.allclose(inverse @ expected, torch.eye(expected.shape[0], dtype=torch.float64), atol=1e-3)
+
+
+def test_a_failed_load_leaves_the_pipeline_untouched(trained, tiny_pipe, tmp_path):
+    good = Concept.load(trained[0])
+    bad = Concept.load(trained[1])
+    layer = next(iter(bad.value_targets))
+    bad.value_targets[layer] = torch.zeros(3)  # wrong width
+    vocab = len(tiny_pipe.tokenizer)
+    with pytest.raises(keylocked.KeylockedError, match="features"):
+        keylocked.load_concepts(tiny_pipe, [good, bad])
+    other = Concept.load(trained[1])
+    other.base_model_fingerprint = "0" * 64
+    with pytest.raises(keylocked.KeylockedError, match="another base model"):
+        keylocked.load_concepts(tiny_pipe, [good, other])
+    clash = Concept.load(trained[0])
+    clash.placeholder_token = "bear"
+    with pytest.raises(keylocked.KeylockedError, match="already exists"):
+        keylocked.load_concepts(tiny_pipe, clash)
+    assert len(tiny_pipe.tokenizer) == vocab
+    assert keylocked.loaded_concepts(tiny_pipe) == {}
+    assert not any(isinstance(m, KeyLockedLinear) for m in tiny_pipe.unet.modules())
+    keylocked.load_concepts(tiny_pipe, [good, other], strict=False)  # the documented override
+    with pytest.raises(keylocked.KeylockedError, match="loaded twice"):
+        keylocked.load_concepts(tiny_pipe, good)
+    keylocked.unload_concepts(tiny_pipe)
+
+
+def test_validation_images_are_written(tiny_pipe, instance_dir, tmp_path):
+    train_concept(
+        config(instance_dir, tmp_path / "val", max_train_steps=2, validation_prompt="a <my-thing>", validation_steps=1,
+               num_validation_images=2, num_inference_steps=2),
+        pipe=tiny_pipe,
+    )
+    assert sorted(p.name for p in (tmp_path / "val" / "validation").iterdir()) == ["step-1.png", "step-2.png"]
