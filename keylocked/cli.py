@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -126,8 +127,7 @@ def _covariance(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from .training import train_concept
 
-    path = train_concept(dataclass_from_args(TrainConfig, args))
-    print(f"saved {path} ({path.stat().st_size} bytes)")
+    print(train_concept(dataclass_from_args(TrainConfig, args)))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -212,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         return run() or 0
+    except BrokenPipeError:  # `keylocked inspect f | head`: stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (KeylockedError, OSError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
