@@ -21,13 +21,14 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         raise KeylockedError(f"file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            kind = (handle.metadata() or {}).get("format")
+            metadata = handle.metadata() or {}
             dtypes = sorted({handle.get_slice(key).get_dtype() for key in handle.keys()})
     except (SafetensorError, OSError, ValueError) as error:
         raise KeylockedError(f"{path}: not a readable safetensors file ({error})") from error
+    kind = metadata.get("format")
     common = {"file": str(path), "format": kind, "file size (bytes)": path.stat().st_size, "dtype": ", ".join(dtypes)}
     if kind == concept_format.FORMAT_NAME:
-        return _describe_concept(path, common)
+        return _describe_concept(path, {**common, "format version": metadata.get("format_version")})
     if kind == covariance_format.FORMAT_NAME:
         return _describe_covariance(path, common)
     raise KeylockedError(f"{path}: not a keylocked concept or covariance file (format={kind!r})")
@@ -35,10 +36,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 def _describe_concept(path: Path, common: dict[str, Any]) -> dict[str, Any]:
     concept = concept_format.Concept.load(path)
-    version = concept_format.read_metadata(path)["format_version"]
     return {
         **common,
-        "format version": version,
         "token": concept.placeholder_token,
         "super-category": concept.superclass_token,
         "base model fingerprint": concept.base_model_fingerprint or "(none)",
