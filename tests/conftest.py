@@ -90,3 +90,48 @@ def write_instance_images(folder: Path, count: int = 3, size: int = 24) -> Path:
 @pytest.fixture()
 def instance_dir(tmp_path) -> Path:
     return write_instance_images(tmp_path / "instance")
+
+
+CLIP_WORDS = ("bear", "cup", "photo", "table", "on", "of", "the", "red", "dog", "rendering", "close", "up", "small")
+
+
+def build_clip_tokenizer(folder: Path, model_max_length: int = 16):
+    """A real ``CLIPTokenizer`` (SD 1.x's class, pads with <|endoftext|>) over a tiny byte-level BPE."""
+    import json
+
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    characters = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(characters + [c + "</w>" for c in characters])}
+    merges: list[str] = []
+    for word in CLIP_WORDS:  # merge each word into one token, left to right
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1]] + parts[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
+
+
+def build_tiny_clip_pipeline(folder: Path, seed: int = 0):
+    """The tiny pipeline with SD 1.x's text stack: CLIPTextModel + CLIPTokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    pipe = build_tiny_pipeline(seed=seed)
+    tokenizer = build_clip_tokenizer(folder)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ).eval()
+    pipe.tokenizer, pipe.text_encoder = tokenizer, text_encoder
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=text_encoder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
