@@ -83,12 +83,14 @@ def _hash_tensors(named: Iterator[tuple[str, Tensor]]) -> str:
 
 
 def text_encoder_fingerprint(text_encoder: nn.Module, base_vocab_size: int | None = None) -> str:
-    """sha256 of the text encoder's weights (only the first ``base_vocab_size`` rows of the
-    input embedding table, so tokens added later do not change it)."""
+    """sha256 of the weights that shape the token encodings (only the first ``base_vocab_size``
+    rows of the input embedding table, so tokens added later do not change it)."""
     embedding = text_encoder.get_input_embeddings().weight
 
     def named() -> Iterator[tuple[str, Tensor]]:
         for name, parameter in text_encoder.named_parameters():
+            if name.startswith("pooler."):
+                continue  # BERT's pooler does not touch the token encodings (and may be randomly filled)
             if parameter is embedding:
                 yield name, parameter[:base_vocab_size] if base_vocab_size else parameter
             else:

@@ -26,7 +26,7 @@ from ..base_model import (
 )
 from ..concept import Concept
 from ..covariance import resolve_covariance
-from ..io import atomic_write_text
+from ..io import atomic_path, atomic_write_text
 from ..layers import ConceptSlot
 from ..loading import install_keylocked_layers, uninstall_keylocked_layers, value_layers
 from ..tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
@@ -326,6 +326,5 @@ def _validate(config: TrainConfig, pipe, context, token: str, output_dir: Path, 
     finally:
         slot.beta, slot.temperature = training_gate
         context.touch()
-    path = output_dir / "validation" / f"step-{step}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, columns=min(4, len(images))).save(path)
+    with atomic_path(output_dir / "validation" / f"step-{step}.png") as tmp:
+        image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
