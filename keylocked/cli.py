@@ -5,8 +5,6 @@ training scripts (``--pretrained_model_name_or_path``, ``--train_batch_size``); 
 ``train`` and ``generate`` are generated from the config dataclasses' fields, so they
 cannot drift from them.
 
-Extension point: ``keylocked demo ARGS...`` imports ``keylocked.demo`` only when run and
-calls its ``main(argv: list[str]) -> int | None`` with the remaining arguments.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .base_model import KeylockedError
+from .demo import DemoConfig
 from .generate import GenerateConfig
 from .training.config import TrainConfig
 
@@ -144,14 +143,13 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(description, indent=2) if args.json else format_description(description))
 
 
-def _demo(argv: list[str]) -> int | None:
-    try:
-        from .demo import main as demo_main
-    except ModuleNotFoundError as error:
-        if error.name not in ("keylocked.demo", f"{__package__}.demo"):
-            raise
-        raise KeylockedError("`keylocked demo` is not available in this installation (no keylocked.demo module)") from error
-    return demo_main(argv)
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    result = run_demo(dataclass_from_args(DemoConfig, args))
+    for key, value in result.numbers.items():
+        print(f"{key:<40} {value}")
+    print(f"\nwrote {result.grid}\n      {result.report}\n      {result.concept}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
     inspect.set_defaults(handler=_inspect)
 
-    # Listed for --help only: main() hands everything after "demo" to keylocked.demo untouched.
-    verbs.add_parser("demo", help="the demo (if installed); its arguments are passed on", add_help=False)
+    demo = verbs.add_parser("demo", help="personalize the embedded emoji-64 model end to end (CPU, minutes)")
+    add_dataclass_arguments(demo, DemoConfig)
+    demo.set_defaults(handler=_demo)
     return parser
 
 
@@ -204,14 +203,10 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        run = lambda: _demo(argv[1:])  # noqa: E731
-    else:
-        args = build_parser().parse_args(argv)
-        run = lambda: args.handler(args)  # noqa: E731
+    args = build_parser().parse_args(argv)
     _setup_logging()
     try:
-        return run() or 0
+        return args.handler(args) or 0
     except BrokenPipeError:  # `keylocked inspect f | head`: stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -245,17 +245,3 @@ Identity similarity: the maximum cosine, over the training views, between mean-c
 evaluator of `keylocked evaluate` is the measured one.
 """
 
-
-def main(argv: list[str]) -> int:
-    """`keylocked demo [--output_dir DIR] [--concept NAME] [--max_train_steps N] ...`"""
-    import argparse
-
-    from .cli import add_dataclass_arguments, dataclass_from_args
-
-    parser = argparse.ArgumentParser(prog="keylocked demo", description=__doc__.splitlines()[0])
-    add_dataclass_arguments(parser, DemoConfig)
-    result = run_demo(dataclass_from_args(DemoConfig, parser.parse_args(argv)))
-    for key, value in result.numbers.items():
-        print(f"{key:<40} {value}")
-    print(f"\nwrote {result.grid}\n      {result.report}\n      {result.concept}")
-    return 0
