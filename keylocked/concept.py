@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .base_model import KeylockedError
-from .io import atomic_path
+from .io import atomic_path, read_safetensors_header
 
 FORMAT_NAME = "keylocked.perfusion.concept"
 FORMAT_VERSION = 1
@@ -130,14 +130,7 @@ class Concept:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The header metadata of a keylocked concept file, checked for format and version."""
-    path = Path(path)
-    if not path.is_file():
-        raise KeylockedError(f"concept file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise KeylockedError(f"{path}: not a readable safetensors file ({error})") from error
+    metadata, _ = read_safetensors_header(path, "concept file")
     if metadata.get("format") != FORMAT_NAME:
         raise KeylockedError(f"{path}: not a keylocked concept file (format={metadata.get('format')!r})")
     version = int(metadata.get("format_version", "0"))

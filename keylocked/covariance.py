@@ -17,12 +17,12 @@ from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .base_model import KeylockedError, text_encoder_fingerprint, tokenize
-from .io import atomic_path
+from .io import atomic_path, read_safetensors_header
 from .perfusion import SecondMomentAccumulator, invert_covariance
 
 FORMAT_NAME = "keylocked.covariance"
@@ -65,17 +65,13 @@ class Covariance:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Covariance":
-        path = Path(path)
-        if not path.is_file():
-            raise KeylockedError(f"covariance file not found: {path}")
+        metadata, dtypes = read_safetensors_header(path, "covariance file")
+        if metadata.get("format") != FORMAT_NAME or "input_covariance_inv" not in dtypes:
+            raise KeylockedError(f"{path}: not a keylocked covariance file (format={metadata.get('format')!r})")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                if metadata.get("format") != FORMAT_NAME:
-                    raise KeylockedError(f"{path}: not a keylocked covariance file (format={metadata.get('format')!r})")
-                inverse = handle.get_tensor("input_covariance_inv").float()
+            inverse = load_file(str(path))["input_covariance_inv"].float()
         except (SafetensorError, OSError) as error:
-            raise KeylockedError(f"{path}: not a readable safetensors file ({error})") from error
+            raise KeylockedError(f"{path}: cannot read tensors ({error})") from error
         if inverse.dim() != 2 or inverse.shape[0] != inverse.shape[1]:
             raise KeylockedError(f"{path}: covariance inverse must be square, got {tuple(inverse.shape)}")
         info = {k: v for k, v in metadata.items() if k not in ("format", "format_version", "text_encoder_fingerprint", "sha256")}

@@ -7,24 +7,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from . import concept as concept_format
 from . import covariance as covariance_format
 from .base_model import KeylockedError
+from .io import read_safetensors_header
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Label -> value for a concept or covariance file (values are str, int, float or dict)."""
     path = Path(path)
-    if not path.is_file():
-        raise KeylockedError(f"file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            dtypes = sorted({handle.get_slice(key).get_dtype() for key in handle.keys()})
-    except (SafetensorError, OSError, ValueError) as error:
-        raise KeylockedError(f"{path}: not a readable safetensors file ({error})") from error
+    metadata, tensor_dtypes = read_safetensors_header(path)
+    dtypes = sorted(set(tensor_dtypes.values()))
     kind = metadata.get("format")
     common = {"file": str(path), "format": kind, "file size (bytes)": path.stat().st_size, "dtype": ", ".join(dtypes)}
     if kind == concept_format.FORMAT_NAME:

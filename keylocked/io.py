@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from safetensors import SafetensorError, safe_open
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -31,3 +33,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def read_safetensors_header(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, str], dict[str, str]]:
+    """(metadata, tensor name -> dtype) of a safetensors file, or a clear error."""
+    from .base_model import KeylockedError
+
+    path = Path(path)
+    if not path.is_file():
+        raise KeylockedError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+            return handle.metadata() or {}, dtypes
+    except (SafetensorError, OSError, ValueError) as error:
+        raise KeylockedError(f"{path}: not a readable safetensors file ({error})") from error
