@@ -78,15 +78,29 @@ def build_models(unet_ckpt: Path | None, vae_dir: Path | None, random_init: bool
     state = torch.load(unet_ckpt, map_location="cpu")
     unet = UNet2DConditionModel(**state["config"])
     unet.load_state_dict(state["ema"])
-    return unet, vae, {"trained": True, "unet_steps": state["step"],
+    trained_vae = Path(state.get("vae", vae_dir))
+    if trained_vae.resolve() != Path(vae_dir).resolve() and trained_vae.exists():
+        trained_on = AutoencoderKL.from_pretrained(trained_vae)
+        same = all(torch.equal(a, b) for a, b in zip(trained_on.encoder.state_dict().values(),
+                                                     vae.encoder.state_dict().values()))
+        if not same or trained_on.config.scaling_factor != vae.config.scaling_factor:
+            raise ValueError(f"VAE {vae_dir} has another latent space than {trained_vae}, which the UNet was trained on")
+    return unet, vae, {"trained": True, "unet_steps": state["step"], "vae": str(vae_dir),
                        "unet_train_minutes": round(state["elapsed"] / 60, 1)}
 
 
+def default_vae_dir() -> Path:
+    """The decoder-fine-tuned VAE when there is one (same encoder, same latents), else the VAE run's."""
+    tuned = Path("runs/emoji-64/vae_decoder/final")
+    return tuned if (tuned / "config.json").exists() else Path("runs/emoji-64/vae/final")
+
+
 def export(output: Path = DEFAULT_OUTPUT, unet_ckpt: Path | None = Path("runs/emoji-64/unet/checkpoint.pt"),
-           vae_dir: Path | None = Path("runs/emoji-64/vae/final"), random_init: bool = False,
+           vae_dir: Path | None = None, random_init: bool = False,
            examples: bool = True) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    vae_dir = default_vae_dir() if vae_dir is None else vae_dir
     unet, vae, info = build_models(unet_ckpt, vae_dir, random_init)
     tokenizer, text_encoder = load_text_encoder()
     pipe = StableDiffusionPipeline(vae=vae.half(), text_encoder=text_encoder, tokenizer=tokenizer,
@@ -110,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--unet_checkpoint", type=Path, default=Path("runs/emoji-64/unet/checkpoint.pt"))
-    parser.add_argument("--vae", type=Path, default=Path("runs/emoji-64/vae/final"))
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="default: runs/emoji-64/vae_decoder/final if present, else runs/emoji-64/vae/final")
     parser.add_argument("--random", action="store_true", help="export a randomly initialised model")
     parser.add_argument("--no_examples", action="store_true")
     args = parser.parse_args(argv)

@@ -6,6 +6,11 @@ Trains on random 32×32 crops of the 64×64 compositions (the model is convoluti
 Loss: L1 + MSE reconstruction + a small KL term.  Checkpoints every few minutes to
 ``<output>/checkpoint.pt`` (``--resume`` continues); at the end the model is saved with
 ``save_pretrained`` to ``<output>/final`` with ``scaling_factor`` = 1 / std of the latents.
+
+Decoder fine-tuning (the UNet's latent space stays fixed, so it can run during/after UNet training):
+
+    python -m emoji_world.train_vae --init runs/emoji-64/vae/final --decoder_only \
+        --output runs/emoji-64/vae_decoder --max_minutes 30
 """
 
 from __future__ import annotations
@@ -36,8 +41,12 @@ class VaeTrainConfig:
     device: str = "auto"
     threads: int = 1
     resume: bool = False
+    init: str = ""  # start from a saved VAE folder (e.g. runs/emoji-64/vae/final)
+    decoder_only: bool = False  # fine-tune the decoder only: the latent space (and scaling_factor) stay fixed
 
     def __post_init__(self):
+        if self.decoder_only and not self.init:
+            raise ValueError("--decoder_only needs --init <trained VAE folder> (the frozen encoder)")
         if self.batch_size < 1 or self.lr <= 0 or self.max_minutes <= 0:
             raise ValueError(f"bad VAE training config: batch_size={self.batch_size}, lr={self.lr}, "
                              f"max_minutes={self.max_minutes}")
@@ -60,8 +69,12 @@ def train(cfg: VaeTrainConfig) -> Path:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     sprites, names = training_sprites(cfg.data)
-    vae = AutoencoderKL(**VAE_CONFIG).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    vae = (AutoencoderKL.from_pretrained(cfg.init) if cfg.init else AutoencoderKL(**VAE_CONFIG)).to(device)
+    if cfg.decoder_only:  # frozen encoder: the UNet's latent space does not move
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     ckpt_path = cfg.output / "checkpoint.pt"
     step, elapsed = 0, 0.0
     if cfg.resume and ckpt_path.exists():
@@ -88,13 +101,16 @@ def train(cfg: VaeTrainConfig) -> Path:
             pixels = pixels[:, :, y:y + cfg.crop, x:x + cfg.crop]
         pixels = pixels.to(device)  # (B, 3, crop, crop)
         # encode, sample, decode
-        posterior = vae.encode(pixels).latent_dist
+        with torch.set_grad_enabled(not cfg.decoder_only):
+            posterior = vae.encode(pixels).latent_dist
         recon = vae.decode(posterior.sample()).sample  # (B, 3, crop, crop)
         # reconstruction + small KL
-        loss = (recon - pixels).abs().mean() + ((recon - pixels) ** 2).mean() + cfg.kl_weight * posterior.kl().mean()
+        loss = (recon - pixels).abs().mean() + ((recon - pixels) ** 2).mean()
+        if not cfg.decoder_only:
+            loss = loss + cfg.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         step += 1
         elapsed = time.time() - start
@@ -109,8 +125,11 @@ def train(cfg: VaeTrainConfig) -> Path:
     bar.close()
     checkpoint()
     vae.eval()
-    std = latent_std(vae, sprites, names, device)
-    vae.register_to_config(scaling_factor=1.0 / std)
+    if cfg.decoder_only:
+        std = 1.0 / vae.config.scaling_factor  # unchanged: the encoder was frozen
+    else:
+        std = latent_std(vae, sprites, names, device)
+        vae.register_to_config(scaling_factor=1.0 / std)
     final = cfg.output / "final"
     vae.save_pretrained(final)
     print(f"done: {step} steps, {elapsed / 60:.1f} min, latent std {std:.4f}, saved {final}", flush=True)
