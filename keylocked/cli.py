@@ -27,6 +27,7 @@ from .generate import GenerateConfig
 from .training.config import TrainConfig
 
 EXIT_USER_ERROR = 2
+TRAIN_METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")  # keylocked.training.baselines.METHODS
 
 TRAIN_HELP = {
     "instance_data_dir": "folder of images of the concept (or one image file)",
@@ -124,9 +125,9 @@ def _covariance(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .training import train_concept
+    from .training.baselines import train
 
-    print(train_concept(dataclass_from_args(TrainConfig, args)))
+    print(train(dataclass_from_args(TrainConfig, args), method=args.method))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser("train", help="train one concept")
     add_dataclass_arguments(train, TrainConfig, help=TRAIN_HELP)
+    train.add_argument("--method", default="perfusion", choices=TRAIN_METHODS,
+                       help="perfusion (default) or a baseline in the same data pipeline (keylocked.training.baselines)")
     train.set_defaults(handler=_train)
 
     generate = verbs.add_parser("generate", help="generate images with one or more concepts")

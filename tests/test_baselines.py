@@ -148,3 +148,16 @@ def test_mixed_methods_and_bad_inputs_are_refused(trained, tmp_path):
     with pytest.raises(KeylockedError):
         Personalization.from_path(tmp_path)
     assert getattr(pipe, "_keylocked_personalizations", None) is None
+
+
+def test_cli_train_method_flag(tiny_model_dir, tmp_path, capsys):
+    from keylocked.cli import main
+
+    instance = write_instance_images(tmp_path / "instance")
+    code = main(["train", "--pretrained_model_name_or_path", str(tiny_model_dir), "--instance_data_dir", str(instance),
+                 "--placeholder_token", "<cli-thing>", "--superclass_token", "bear", "--output_dir", str(tmp_path / "out"),
+                 "--max_train_steps", "1", "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
+                 "--no-progress", "--method", "textual-inversion"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out" / TI_FILENAME)
+    assert Personalization.from_path(tmp_path / "out").method == "textual-inversion"
