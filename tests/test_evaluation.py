@@ -227,3 +227,23 @@ def test_emoji_evaluator_round_trip(tmp_path):
     assert texts.shape == (2, 384) and torch.allclose(texts.norm(dim=-1), torch.ones(2), atol=1e-5)
     with pytest.raises(ValueError, match="not found"):
         EmojiEvaluator.load(tmp_path / "missing.safetensors")
+
+
+def test_evaluation_command_with_a_local_clip(perfusion_item, tiny_model_dir, tmp_path, capsys):
+    """python -m keylocked.evaluation on the tiny model: base + one concept, CLIP embedder from a folder."""
+    from keylocked.evaluation.__main__ import main
+
+    _, item = perfusion_item
+    references = tmp_path / "refs"
+    references.mkdir()
+    for index, image in enumerate(item.references):
+        image.save(references / f"{index}.png")
+    code = main(["--pretrained_model_name_or_path", str(tiny_model_dir), "--concept", str(item.personalization.path),
+                 "--references", str(references), "--superclass", "bear", "--prompt", "a {} on a table", "--seeds", "0",
+                 "--betas", "0.7", "--num_inference_steps", "2", "--embedder", str(_tiny_clip(tmp_path / "clip")),
+                 "--no_base", "--output", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "out" / "rows.json").read_text())
+    assert rows["embedder"] == "clip:clip" and len(rows["rows"]) == 1 and rows["rows"][0]["beta"] == 0.7
+    assert main(["--pretrained_model_name_or_path", str(tiny_model_dir), "--concept", str(tmp_path), "--references", str(references),
+                 "--superclass", "bear", "--prompt", "a {}"]) == 2
