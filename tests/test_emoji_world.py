@@ -201,3 +201,36 @@ def test_resolve_model_errors(tmp_path):
         resolve_model(tmp_path)  # a folder without model_index.json
     (tmp_path / "model_index.json").write_text("{}")
     assert resolve_model(tmp_path) == tmp_path
+
+
+# ---- training scripts: 2-step smoke runs on synthetic sprites --------------------------------
+
+def test_train_vae_unet_export_smoke(tmp_path):
+    import json
+
+    import torch
+    from emoji_world import train_unet, train_vae
+    from emoji_world.export import export
+    from keylocked.models import load_pipeline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    names = ["fox face", "apple", "owl"]
+    np.savez_compressed(data / "sprites.npz", sprites=np.stack([solid_sprite(c, 8) for c in SPRITE_COLOURS[:3]]))
+    (data / "sprites.json").write_text(json.dumps(
+        {"entries": [{"name": n, "style": "noto", "split": "train"} for n in names]}))
+    runs = tmp_path / "runs"
+    train_vae.main(["--data", str(data), "--output", str(runs / "vae"), "--max_steps", "2", "--batch_size", "2"])
+    assert (runs / "vae" / "final" / "config.json").exists() and (runs / "vae" / "checkpoint.pt").exists()
+    args = ["--data", str(data), "--vae", str(runs / "vae" / "final"), "--output", str(runs / "unet"),
+            "--batch_size", "2"]
+    train_unet.main(args + ["--max_steps", "2"])
+    train_unet.main(args + ["--max_steps", "3", "--resume"])
+    state = torch.load(runs / "unet" / "checkpoint.pt", map_location="cpu")
+    assert state["step"] == 3 and state["format"] == "emoji-64-unet-train"
+    info = export(tmp_path / "pipe", runs / "unet" / "checkpoint.pt", runs / "vae" / "final", examples=False)
+    assert info["trained"] and info["unet_steps"] == 3
+    assert not (tmp_path / "pipe" / "text_encoder").exists()
+    image = load_pipeline(tmp_path / "pipe")("an owl", num_inference_steps=2, output_type="np",
+                                             generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3)
