@@ -7,8 +7,8 @@
    steps), interleaved repeats, median seconds; keylocked's per-prompt K/V cache on (default)
    and off (edited projections recomputed at every denoising step).
 2. Training (each in a fresh subprocess, so memory peaks are its own): seconds per optimizer
-   step of Perfusion, Textual Inversion, Custom Diffusion and LoRA, as the difference of an
-   S1- and an S2-step run of the real trainers (setup cost cancels), and a plain UNet
+   step of Perfusion, Textual Inversion, Custom Diffusion and LoRA in the real trainers (median
+   interval between optimizer steps, so setup is excluded), and a plain UNet
    forward+backward (all UNet weights trainable, i.e. a full fine-tuning step without the
    optimizer) on the same first batch. Peak memory above the loaded pipeline: sampled RSS on
    CPU (every 2 ms), ``torch.cuda.max_memory_allocated`` on GPU.
@@ -163,12 +163,46 @@ def inference(args) -> dict:
         for case in cases:  # interleaved, so drifting machine load hits every case alike
             times[case].append(run(case))
     median = {case: statistics.median(values) for case, values in times.items()}
+    unet = unet_step_times(pipe, prompts, concepts, covariance, args)
     return {
+        "unet_step_seconds_min": unet,
+        "unet_step_ratio_vs_stock": {k: round(v / unet["0"], 4) for k, v in unet.items() if k != "0"},
         "seconds_median": {k: round(v, 4) for k, v in median.items()},
         "seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "ratio_vs_stock": {k: round(v / median["0"], 4) for k, v in median.items() if k != "0"},
         "steps": args.steps, "repeats": args.repeats, "cfg": True,
     }
+
+
+@torch.no_grad()
+def unet_step_times(pipe, prompts: dict, concepts: list, covariance, args, calls: int = 5) -> dict:
+    """Min seconds of one denoising UNet call (CFG batch of 2) with 0/1/3 concepts, the K/V cache warm."""
+    from keylocked import load_concepts, unload_concepts
+    from keylocked.base_model import encode_prompts
+
+    size = (args.resolution or 8 * pipe.unet.config.sample_size) // (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    latents = torch.randn(2, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(args.device)
+    timestep = torch.tensor(500, device=args.device)
+    best = {}
+    for _ in range(args.repeats):
+        for count in (0, 1, 3):
+            if count:
+                load_concepts(pipe, concepts[:count], covariance=covariance)
+            try:
+                encodings, _ = encode_prompts(pipe.text_encoder, pipe.tokenizer, ["", prompts[count]])  # (2, T, d)
+                pipe.unet(latents, timestep, encodings)  # fills the per-prompt cache, as the first denoising step does
+                for _ in range(calls):
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    pipe.unet(latents, timestep, encodings)
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+                    best[str(count)] = min(best.get(str(count), float("inf")), time.perf_counter() - started)
+            finally:
+                if count:
+                    unload_concepts(pipe)
+    return {k: round(v, 5) for k, v in best.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,13 +270,24 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+        stamps = []  # a timestamp after every optimizer step: per-step time without the setup
+        original_step = torch.optim.AdamW.step
+
+        def stamped_step(self, *a, **k):
+            result = original_step(self, *a, **k)
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            return result
+
+        torch.optim.AdamW.step = stamped_step
         with PeakRSS() as rss:
-            started = time.perf_counter()
             if args.worker == "plain":
                 seconds = plain_steps(pipe, config, args)
             else:
                 train(config, method=args.worker, pipe=pipe)
-                seconds = time.perf_counter() - started
+                seconds = statistics.median(b - a for a, b in zip(stamps[:-1], stamps[1:]))
+        torch.optim.AdamW.step = original_step
         peak = (torch.cuda.max_memory_allocated() - base) if cuda else (rss.peak - rss.start)
         return {"worker": args.worker, "train_steps": args.train_steps, "seconds": seconds, "peak_bytes": peak,
                 "memory": "cuda max_memory_allocated" if cuda else "sampled RSS above the loaded pipeline"}
@@ -290,17 +335,21 @@ def training(args) -> dict:
             raise RuntimeError(f"worker {name} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    short, long = args.short_steps, args.short_steps + args.extra_steps
-    result = {"batch": args.batch, "steps_compared": [short, long], "methods": {}}
-    for method in METHODS:
-        first, second = spawn(method, short), spawn(method, long)
-        result["methods"][method] = {
-            "seconds_per_step": round((second["seconds"] - first["seconds"]) / (long - short), 4),
-            "peak_mib": round(max(first["peak_bytes"], second["peak_bytes"]) / 2**20, 1),
-        }
-    plain = spawn("plain", args.extra_steps + 1)
-    result["plain_unet_forward_backward"] = {"seconds_per_step": round(plain["seconds"], 4), "peak_mib": round(plain["peak_bytes"] / 2**20, 1)}
-    result["memory"] = plain["memory"]
+    result = {"batch": args.batch, "steps": args.train_steps_measured, "rounds": args.rounds, "methods": {},
+              "timing": "min over rounds of the median interval between optimizer steps (min: least disturbed by other load)"}
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):  # rounds alternate the methods, so drifting machine load hits them alike
+        for name in METHODS + ("plain",):
+            runs.setdefault(name, []).append(spawn(name, args.train_steps_measured))
+    for name, measured in runs.items():
+        entry = {"seconds_per_step": round(min(r["seconds"] for r in measured), 4),
+                 "seconds_per_step_all": [round(r["seconds"], 4) for r in measured],
+                 "peak_mib": round(max(r["peak_bytes"] for r in measured) / 2**20, 1)}
+        if name == "plain":
+            result["plain_unet_forward_backward"] = entry
+        else:
+            result["methods"][name] = entry
+    result["memory"] = runs["plain"][0]["memory"]
     base = result["plain_unet_forward_backward"]["seconds_per_step"]
     for entry in result["methods"].values():
         entry["ratio_vs_plain_unet_step"] = round(entry["seconds_per_step"] / base, 3)
@@ -375,8 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per image")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="training micro-batch")
-    parser.add_argument("--short_steps", type=int, default=1)
-    parser.add_argument("--extra_steps", type=int, default=4)
+    parser.add_argument("--train_steps_measured", type=int, default=6, help="optimizer steps per method (median interval)")
+    parser.add_argument("--rounds", type=int, default=2, help="training measurements per method")
     parser.add_argument("--skip", nargs="*", default=[], choices=("inference", "training", "sizes"))
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -390,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
               "resolution": args.resolution, "torch": torch.__version__}
     if "inference" not in args.skip:
         report["inference"] = inference(args)
-        print(json.dumps(report["inference"]["seconds_median"]), "ratios", json.dumps(report["inference"]["ratio_vs_stock"]), flush=True)
+        print(json.dumps({k: report["inference"][k] for k in ("seconds_median", "ratio_vs_stock", "unet_step_seconds_min", "unet_step_ratio_vs_stock")}), flush=True)
     if "training" not in args.skip:
         report["training"] = training(args)
         print(json.dumps(report["training"], indent=1), flush=True)
