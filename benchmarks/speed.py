@@ -94,7 +94,7 @@ def covariance_for(pipe, model: str):
     from keylocked.models import EMBEDDED_MODELS
 
     bundled = EMBEDDED_MODELS.get(model, Path(model)) / "covariance.safetensors"
-    if bundled.is_file():
+    if model and bundled.is_file():
         return Covariance.load(bundled)
     dim = int(pipe.text_encoder.config.hidden_size)
     return Covariance(torch.eye(dim), "", {"corpus": "identity (benchmark)"})
@@ -127,7 +127,7 @@ def inference(args) -> dict:
     from keylocked.layers import KeyLockedLinear
 
     pipe = build(args)
-    covariance = covariance_for(pipe, args.model)
+    covariance = covariance_for(pipe, "" if args.config == "sd15" else args.model)
     concepts = random_concepts(pipe, 3)
     # the same prompt shape for every case: three object words, concept tokens or plain words
     prompts = {0: "a photo of a dog and a cat and a car on a table", 1: "a photo of a <c0> and a cat and a car on a table",
@@ -255,7 +255,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     pipe = build(args)
-    covariance = covariance_for(pipe, args.model)
+    covariance = covariance_for(pipe, "" if args.config == "sd15" else args.model)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         cov_path = covariance.save(folder / "covariance.safetensors")
