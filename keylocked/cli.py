@@ -1,6 +1,6 @@
 """The ``keylocked`` command: argv -> config dataclass -> library function, nothing else.
 
-Verbs: covariance, train, generate, inspect, demo. Flags are spelled as in diffusers'
+Verbs: covariance, train, generate, inspect, evaluate, demo. Flags are spelled as in diffusers'
 training scripts (``--pretrained_model_name_or_path``, ``--train_batch_size``); those of
 ``train`` and ``generate`` are generated from the config dataclasses' fields, so they
 cannot drift from them.
@@ -144,6 +144,12 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(description, indent=2) if args.json else format_description(description))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluation.__main__ import run
+
+    run(args)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -178,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
     inspect.set_defaults(handler=_inspect)
+
+    from .evaluation.__main__ import add_arguments as add_evaluate_arguments
+
+    evaluate = verbs.add_parser("evaluate", help="score concepts of any method: image vs text alignment, Pareto plot")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
 
     demo = verbs.add_parser("demo", help="personalize the embedded emoji-64 model end to end (CPU, minutes)")
     add_dataclass_arguments(demo, DemoConfig)

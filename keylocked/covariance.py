@@ -166,17 +166,37 @@ def cache_dir() -> Path:
     return Path(root) / "covariance"
 
 
-def default_covariance(text_encoder: nn.Module, tokenizer, progress: bool = True) -> Covariance:
-    """The vocabulary-corpus covariance for this text encoder, computed once and cached by fingerprint."""
+BUNDLED_FILENAME = "covariance.safetensors"  # a model folder may ship its covariance under this name
+
+
+def pipeline_folder(pipe) -> Path | None:
+    """The local folder a pipeline was loaded from, if any (where a bundled covariance may be)."""
+    name = getattr(pipe, "name_or_path", None)
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def _bundled_covariances() -> list[Path]:
+    from .models import EMBEDDED_MODELS
+
+    return [folder / BUNDLED_FILENAME for folder in EMBEDDED_MODELS.values()]
+
+
+def default_covariance(
+    text_encoder: nn.Module, tokenizer, progress: bool = True, model_dir: str | os.PathLike | None = None
+) -> Covariance:
+    """This text encoder's covariance: one bundled with the model (``model_dir`` or an embedded
+    model) if its fingerprint matches, else the vocabulary-corpus one, computed once and cached."""
     fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
     path = cache_dir() / f"{fingerprint[:32]}-vocab-v{FORMAT_VERSION}.safetensors"
-    if path.is_file():
-        try:
-            covariance = Covariance.load(path)
+    candidates = ([Path(model_dir) / BUNDLED_FILENAME] if model_dir else []) + _bundled_covariances() + [path]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                covariance = Covariance.load(candidate)
+            except KeylockedError:
+                continue  # a corrupt cache entry is recomputed
             if covariance.text_encoder_fingerprint == fingerprint:
                 return covariance
-        except KeylockedError:
-            pass  # a corrupt cache entry is recomputed
     covariance = estimate_covariance(text_encoder, tokenizer, progress=progress)
     try:
         covariance.save(path)
@@ -185,10 +205,16 @@ def default_covariance(text_encoder: nn.Module, tokenizer, progress: bool = True
     return covariance
 
 
-def resolve_covariance(text_encoder: nn.Module, tokenizer, path: str | os.PathLike | None = None, progress: bool = True) -> Covariance:
-    """The covariance at ``path`` (checked against the text encoder), or the cached default."""
+def resolve_covariance(
+    text_encoder: nn.Module,
+    tokenizer,
+    path: str | os.PathLike | None = None,
+    progress: bool = True,
+    model_dir: str | os.PathLike | None = None,
+) -> Covariance:
+    """The covariance at ``path`` (checked against the text encoder), or the default one."""
     if path is None:
-        return default_covariance(text_encoder, tokenizer, progress=progress)
+        return default_covariance(text_encoder, tokenizer, progress=progress, model_dir=model_dir)
     covariance = Covariance.load(path)
     dim = int(text_encoder.config.hidden_size)
     if covariance.inverse.shape[0] != dim:

@@ -99,13 +99,12 @@ def _generate(pipe, prompts: list[str], config: DemoConfig) -> list[Image.Image]
 
 def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
     """Train a demo concept and write grid, concept file and report into ``config.output_dir``."""
-    from .models import demo_concept_images, demo_super_category, load_pipeline, resolve_model
+    from .models import demo_concept_images, demo_super_category, load_pipeline
     from .training import TrainConfig, train_concept
 
     output_dir = Path(config.output_dir)
     images = demo_concept_images(config.concept, config.pretrained_model_name_or_path)
     superclass = demo_super_category(config.concept, config.pretrained_model_name_or_path)
-    bundled_covariance = resolve_model(config.pretrained_model_name_or_path) / "covariance.safetensors"
     if pipe is None:
         pipe = load_pipeline(config.pretrained_model_name_or_path)
     stages = tqdm(total=3, desc="demo", disable=not config.progress, unit="stage")
@@ -133,7 +132,6 @@ def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
             inference_tau=config.tau,
             prompt_templates=DEMO_TEMPLATES,
             seed=config.seed,
-            covariance=str(bundled_covariance) if bundled_covariance.is_file() else None,
             progress=config.progress,
         )
         started = time.perf_counter()
@@ -154,8 +152,7 @@ def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
     baseline_prompts = [template.format(superclass) for _, template in rows]
     started = time.perf_counter()
     baseline_images = _generate(pipe, baseline_prompts, config)
-    load_concepts(pipe, concept_path, beta=config.beta, tau=config.tau,
-                  covariance=str(bundled_covariance) if bundled_covariance.is_file() else None)
+    load_concepts(pipe, concept_path, beta=config.beta, tau=config.tau)  # the model's bundled covariance
     try:
         concept_images = _generate(pipe, concept_prompts, config)
         sweep_prompt = f"a {token} on a blue background"

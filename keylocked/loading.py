@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, single_token_id
 from .concept import Concept
-from .covariance import Covariance, base_vocabulary_size, resolve_covariance
+from .covariance import Covariance, base_vocabulary_size, pipeline_folder, resolve_covariance
 from .layers import ConceptSlot, KeyLockedContext, KeyLockedLinear, Lock
 from .tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
 
@@ -174,7 +174,7 @@ def load_concepts(
     elif isinstance(covariance, Covariance):
         resolved = covariance
     else:
-        resolved = resolve_covariance(pipe.text_encoder, pipe.tokenizer, covariance)
+        resolved = resolve_covariance(pipe.text_encoder, pipe.tokenizer, covariance, model_dir=pipeline_folder(pipe))
     for concept in loaded:
         if concept.covariance_sha256 and concept.covariance_sha256 != resolved.sha256:
             logger.warning(

@@ -241,3 +241,21 @@ def test_validation_images_are_written(tiny_pipe, instance_dir, tmp_path):
         pipe=tiny_pipe,
     )
     assert sorted(p.name for p in (tmp_path / "val" / "validation").iterdir()) == ["step-1.png", "step-2.png"]
+
+
+def test_a_covariance_bundled_with_the_model_folder_is_preferred(tiny_model_dir, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from keylocked.covariance import default_covariance, pipeline_folder
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
+    bundled = estimate_covariance(pipe.text_encoder, pipe.tokenizer, ["a bear", "a red cup", "the table"], progress=False)
+    bundled.save(tiny_model_dir / "covariance.safetensors")
+    try:
+        monkeypatch.setenv("KEYLOCKED_CACHE", str(tmp_path / "empty-cache"))
+        found = default_covariance(pipe.text_encoder, pipe.tokenizer, model_dir=pipeline_folder(pipe))
+        assert found.sha256 == bundled.sha256 and found.info["num_prompts"] == "3"
+        other = build_tiny_pipeline(seed=1)  # another text encoder: the bundled file does not fit it
+        assert default_covariance(other.text_encoder, other.tokenizer, model_dir=tiny_model_dir, progress=False).sha256 != bundled.sha256
+    finally:
+        (tiny_model_dir / "covariance.safetensors").unlink()

@@ -22,6 +22,12 @@ from ..base_model import KeylockedError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m keylocked.evaluation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``keylocked evaluate`` (also ``python -m keylocked.evaluation``)."""
     parser.add_argument("--pretrained_model_name_or_path", required=True)
     parser.add_argument("--concept", action="append", required=True, help="concept file or baseline folder (repeat)")
     parser.add_argument("--references", action="append", required=True, help="folder of the concept's training images (repeat)")
@@ -39,42 +45,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_base", action="store_true", help="skip the stock-model reference rows")
     parser.add_argument("--save_images", action="store_true")
     parser.add_argument("--output", type=Path, default=Path("keylocked-eval"))
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (KeylockedError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate the concepts named in ``args``; writes rows, summary and the Pareto plot."""
     from ..models import load_pipeline
     from ..training.baselines import Personalization
     from ..training.data import load_instance_images
     from .embedders import CLIPEmbedder, EmojiEvaluator
     from .evaluate import EvalConfig, EvalItem, evaluate
 
-    args = build_parser().parse_args(argv)
-    try:
-        if not len(args.concept) == len(args.references) == len(args.superclass):
-            raise KeylockedError("give one --references and one --superclass per --concept, in the same order")
-        config = EvalConfig(prompts=tuple(args.prompt), seeds=tuple(args.seeds), betas=tuple(args.betas), locks=tuple(args.locks),
-                            global_betas=tuple(args.global_betas) if args.global_betas else None, lora_scales=tuple(args.lora_scales),
-                            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                            images_dir=str(args.output / "images") if args.save_images else None)
-        items = [Personalization.from_path(path) for path in args.concept]  # validate before loading models
-        pipe = load_pipeline(args.pretrained_model_name_or_path)
-        embedder = EmojiEvaluator.load() if args.embedder == "emoji" else CLIPEmbedder(args.embedder)
-        scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
-        resolution = scale * int(pipe.unet.config.sample_size)
-        entries = []
-        for item, references, superclass in zip(items, args.references, args.superclass):
-            images = load_instance_images(references, resolution)
-            name = Path(references).name
-            if not args.no_base:
-                entries.append(EvalItem(name, superclass, images))
-            entries.append(EvalItem(name, superclass, images, item))
-        evaluate(pipe, entries, embedder, config, output_dir=args.output, covariance=args.covariance)
-    except (KeylockedError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if not len(args.concept) == len(args.references) == len(args.superclass):
+        raise KeylockedError("give one --references and one --superclass per --concept, in the same order")
+    config = EvalConfig(prompts=tuple(args.prompt), seeds=tuple(args.seeds), betas=tuple(args.betas), locks=tuple(args.locks),
+                        global_betas=tuple(args.global_betas) if args.global_betas else None, lora_scales=tuple(args.lora_scales),
+                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                        images_dir=str(args.output / "images") if args.save_images else None)
+    items = [Personalization.from_path(path) for path in args.concept]  # validate before loading models
+    pipe = load_pipeline(args.pretrained_model_name_or_path)
+    embedder = EmojiEvaluator.load() if args.embedder == "emoji" else CLIPEmbedder(args.embedder)
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
+    resolution = scale * int(pipe.unet.config.sample_size)
+    entries = []
+    for item, references, superclass in zip(items, args.references, args.superclass):
+        images = load_instance_images(references, resolution)
+        name = Path(references).name
+        if not args.no_base:
+            entries.append(EvalItem(name, superclass, images))
+        entries.append(EvalItem(name, superclass, images, item))
+    evaluate(pipe, entries, embedder, config, output_dir=args.output, covariance=args.covariance)
     print(f"wrote {args.output}/rows.csv, summary.md, pareto.png")
-    return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from ..base_model import (
     single_token_id,
 )
 from ..concept import Concept
-from ..covariance import resolve_covariance
+from ..covariance import pipeline_folder, resolve_covariance
 from ..io import atomic_path, atomic_write_text
 from ..layers import ConceptSlot
 from ..loading import install_keylocked_layers, uninstall_keylocked_layers, value_layers
@@ -105,7 +105,7 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         resume_dir = _latest_checkpoint(output_dir) if config.resume_from_checkpoint == "latest" else Path(config.resume_from_checkpoint)
         if config.resume_from_checkpoint != "latest" and not (resume_dir and resume_dir.is_dir()):
             raise KeylockedError(f"checkpoint not found: {config.resume_from_checkpoint}")
-    covariance = resolve_covariance(text_encoder, tokenizer, config.covariance, progress=config.progress)
+    covariance = resolve_covariance(text_encoder, tokenizer, config.covariance, progress=config.progress, model_dir=pipeline_folder(pipe))
     snapshot = TokenizerSnapshot(tokenizer)
     fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
 
