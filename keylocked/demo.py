@@ -21,7 +21,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .base_model import KeylockedError
-from .concept import Concept
 from .io import atomic_path, atomic_write_text
 from .loading import load_concepts, set_concept_options, unload_concepts
 from .visual import image_grid

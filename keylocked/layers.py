@@ -79,22 +79,12 @@ def _find_row(candidates: Tensor, row: Tensor) -> int | None:
     return None
 
 
-class KeyLockedLinear(nn.Module):
-    """``to_k`` or ``to_v`` of a cross-attention layer, edited for the active concepts.
+class WrappedLinear(nn.Module):
+    """A module that stands in for a ``nn.Linear`` and keeps it as ``base_layer`` (peft-style)."""
 
-    key:   o*_K = W_K i*_super, recomputed from the base weight (the key lock, never trained).
-    value: o*_V is a per-concept parameter in ``value_targets``.
-    """
-
-    def __init__(self, base_layer: nn.Linear, role: Role, context: KeyLockedContext):
+    def __init__(self, base_layer: nn.Linear):
         super().__init__()
-        if role not in ("key", "value"):
-            raise ValueError(f"role must be 'key' or 'value', got {role!r}")
         self.base_layer = base_layer
-        self.role = role
-        self.context = context
-        self.value_targets = nn.ParameterDict()  # concept name -> (out,)
-        self._cache: tuple[Tensor, int, int, Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -111,6 +101,23 @@ class KeyLockedLinear(nn.Module):
     @property
     def bias(self) -> Tensor | None:
         return self.base_layer.bias
+
+
+class KeyLockedLinear(WrappedLinear):
+    """``to_k`` or ``to_v`` of a cross-attention layer, edited for the active concepts.
+
+    key:   o*_K = W_K i*_super, recomputed from the base weight (the key lock, never trained).
+    value: o*_V is a per-concept parameter in ``value_targets``.
+    """
+
+    def __init__(self, base_layer: nn.Linear, role: Role, context: KeyLockedContext):
+        super().__init__(base_layer)
+        if role not in ("key", "value"):
+            raise ValueError(f"role must be 'key' or 'value', got {role!r}")
+        self.role = role
+        self.context = context
+        self.value_targets = nn.ParameterDict()  # concept name -> (out,)
+        self._cache: tuple[Tensor, int, int, Tensor] | None = None
 
     def output_targets(self, names: list[str]) -> Tensor:
         """o* for the named concepts, (n, out)."""

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from keylocked.base_model import KeylockedError, cross_attention_layers
-from keylocked.training import TrainConfig
 from keylocked.training.baselines import (
     CD_FILENAME,
     LORA_FILENAME,
@@ -25,18 +24,7 @@ from keylocked.training.baselines import (
 )
 
 from conftest import build_tiny_pipeline, write_instance_images
-
-
-def config(instance_dir, output_dir, **overrides) -> TrainConfig:
-    values = dict(pretrained_model_name_or_path="unused", instance_data_dir=str(instance_dir), placeholder_token="<my-thing>",
-                  superclass_token="bear", output_dir=str(output_dir), max_train_steps=2, train_batch_size=2,
-                  gradient_accumulation_steps=1, checkpointing_steps=2, progress=False)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def generate(pipe, prompt, seed=0):
-    return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="np").images
+from test_keylocking import config, generate
 
 
 @pytest.fixture(scope="module")

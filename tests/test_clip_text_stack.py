@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 import keylocked
 from keylocked.covariance import estimate_covariance

@@ -40,10 +40,11 @@ from torch import Tensor, nn
 
 from ..base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, encode_prompts, single_token_id
 from ..io import atomic_path, atomic_write_text
+from ..layers import WrappedLinear
 from ..tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prompts_for, step_generator
-from .trainer import CONCEPT_FILENAME, _masked_mse, _resolution, noised_batch, train_concept
+from .trainer import CONCEPT_FILENAME, _masked_mse, _resolution, freeze_and_place, noised_batch, train_concept
 
 logger = logging.getLogger(__name__)
 
@@ -90,29 +91,12 @@ def train(config: TrainConfig, method: str = "perfusion", pipe=None, options: Ba
 # Custom Diffusion's K/V deltas, applied by wrapping (the base layer stays untouched).
 
 
-class DeltaLinear(nn.Module):
+class DeltaLinear(WrappedLinear):
     """``base_layer`` with ``W + Σ deltas``: Custom Diffusion's fine-tuned K/V, kept separable per concept."""
 
     def __init__(self, base_layer: nn.Linear):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.deltas = nn.ParameterDict()  # concept token -> (out, in)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.base_layer.weight
@@ -162,7 +146,7 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
         from ..models import load_pipeline
 
         pipe = load_pipeline(config.pretrained_model_name_or_path)
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
 
     # -- validate every input before touching the model -------------------------------------
     uses_token = method in ("textual-inversion", "custom-diffusion")
@@ -179,16 +163,7 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
     snapshot = TokenizerSnapshot(tokenizer)
     fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
 
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    for module in (text_encoder, unet, vae):
-        if module is not None:
-            module.requires_grad_(False)
-            module.eval()
-    text_encoder.to(device)
-    unet.to(device, weight_dtype)
-    if vae is not None:
-        vae.to(device, weight_dtype)
+    device, weight_dtype = freeze_and_place(pipe, accelerator.device, config.mixed_precision)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     hooks, trainables, groups = [], {}, []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from contextlib import nullcontext
@@ -61,6 +60,23 @@ def _resolution(config: TrainConfig, pipe) -> int:
     return int(pipe.unet.config.sample_size) * scale
 
 
+def freeze_and_place(pipe, device: torch.device, mixed_precision: str) -> tuple[torch.device, torch.dtype]:
+    """Freeze every base model and move it to ``device``; UNet/VAE in the mixed-precision dtype.
+
+    The text encoder stays fp32: gradients flow through it into the new token's embedding.
+    """
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    pipe.text_encoder.to(device)
+    pipe.unet.to(device, weight_dtype)
+    if pipe.vae is not None:
+        pipe.vae.to(device, weight_dtype)
+    return device, weight_dtype
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
     checkpoints = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
@@ -109,16 +125,7 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
     snapshot = TokenizerSnapshot(tokenizer)
     fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
 
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    for module in (text_encoder, unet, vae):
-        if module is not None:
-            module.requires_grad_(False)
-            module.eval()
-    text_encoder.to(device)  # stays fp32: gradients flow through it into the embedding
-    unet.to(device, weight_dtype)
-    if vae is not None:
-        vae.to(device, weight_dtype)
+    device, weight_dtype = freeze_and_place(pipe, accelerator.device, config.mixed_precision)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # -- the new token, hooked so that only its embedding row is trained ---------------------
