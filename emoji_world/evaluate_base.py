@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=4, help="samples per named colour")
     parser.add_argument("--k", type=int, default=30, help="held-in concepts prompted for retrieval")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale (the pipeline default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     args = parser.parse_args(argv)
