@@ -3,8 +3,8 @@
     python -m emoji_world.evaluate_base --model emoji-64 --n 4 --output outputs/eval-emoji-64
 
 1. Background colour: for every named colour, N prompts "a <X> on a <colour> background"
-   (X = held-in concepts); a sample counts as right when the mean of its 2-pixel border is
-   nearest (RGB distance) to the named colour.
+   (X = held-in concepts); a sample counts as right when the median of its border ring
+   (pixels 1-4 in from the edge) is nearest (RGB distance) to the named colour.
 2. Identity retrieval: one sample per prompted held-in concept ("a <X> on a white
    background"), embedded and ranked by cosine against real renders of every held-in
    concept (both art styles; best style counts).  Embedding (documented, simple): the
@@ -29,7 +29,7 @@ from PIL import Image
 
 from dataclasses import replace
 
-from .compose import COLOURS, MARGIN, Layout, make_caption, render_layout, sample_layout
+from .compose import COLOURS, Layout, make_caption, render_layout, sample_layout
 
 GRID_PROMPTS = [
     "a fox face", "a red apple on a white background", "a bear face on a blue background",
@@ -42,11 +42,17 @@ GRID_PROMPTS = [
 ]
 
 
-def border_colour(image: np.ndarray, width: int = MARGIN) -> np.ndarray:
-    """Mean RGB of the ``width``-pixel border ring of an (H, W, 3) image."""
-    ring = np.concatenate([image[:width].reshape(-1, 3), image[-width:].reshape(-1, 3),
-                           image[:, :width].reshape(-1, 3), image[:, -width:].reshape(-1, 3)])
-    return ring.astype(np.float32).mean(0)
+def border_colour(image: np.ndarray, skip: int = 1, width: int = 4) -> np.ndarray:
+    """Median RGB of the border ring ``skip`` to ``skip + width`` pixels in from the edge.
+
+    The outermost pixel row is skipped (the small VAE draws a thin edge line there); medium and
+    large sprites never reach 5 pixels from the edge, so the ring is background in training data.
+    """
+    h, w = image.shape[:2]
+    depth = np.minimum.reduce(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+                              + np.meshgrid(np.arange(h)[::-1], np.arange(w)[::-1], indexing="ij"))  # (H, W)
+    ring = image[(depth >= skip) & (depth < skip + width)]  # (P, 3)
+    return np.median(ring.astype(np.float32), axis=0)
 
 
 def nearest_colour(rgb: np.ndarray) -> str:

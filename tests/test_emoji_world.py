@@ -234,3 +234,16 @@ def test_train_vae_unet_export_smoke(tmp_path):
     image = load_pipeline(tmp_path / "pipe")("an owl", num_inference_steps=2, output_type="np",
                                              generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("colour", list(COLOURS))
+def test_evaluate_border_colour_ignores_edge_line_and_object(sprites, colour):
+    from emoji_world.compose import Layout, Placed, render_layout
+    from emoji_world.evaluate_base import border_colour, embed, nearest_colour
+
+    images, _ = sprites
+    image = render_layout(Layout(colour, (Placed(0, 40, 12, 12, False),)), images)
+    image[0, :] = 255 - image[0, :]  # a decoder edge artefact on the outermost row
+    assert nearest_colour(border_colour(image)) == colour
+    vec = embed(image)
+    assert vec.shape == (768,) and abs(np.linalg.norm(vec) - 1) < 1e-4
