@@ -67,16 +67,6 @@ class DemoResult:
     numbers: dict = field(default_factory=dict)
 
 
-def background_colour_name(image: Image.Image, colours: dict[str, tuple[int, int, int]], border: int = 3) -> str:
-    """The named colour nearest (RGB distance) to the mean of the image's border pixels."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    ring = np.concatenate(
-        [pixels[:border].reshape(-1, 3), pixels[-border:].reshape(-1, 3), pixels[:, :border].reshape(-1, 3), pixels[:, -border:].reshape(-1, 3)]
-    )
-    mean = ring.mean(0)
-    return min(colours, key=lambda name: float(np.sum((mean - np.asarray(colours[name], dtype=np.float32)) ** 2)))
-
-
 def foreground_similarity(image: Image.Image, references: list[Image.Image], size: int = 16) -> float:
     """Max cosine between centred, downsampled centre crops: a crude, documented identity score."""
 
@@ -165,13 +155,13 @@ def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
     stages.update(1)
 
     # 3. numbers, grid and report
-    from emoji_world.compose import COLOURS
+    from emoji_world.evaluate_base import border_colour, nearest_colour
 
     references = [Image.open(path).convert("RGB") for path in images]
     colour_rows = [i for i, (label, _) in enumerate(rows) if label in config.colours]
 
     def colour_hits(pictures: list[Image.Image]) -> int:
-        return sum(background_colour_name(pictures[i], COLOURS) == rows[i][0] for i in colour_rows)
+        return sum(nearest_colour(border_colour(np.asarray(pictures[i]))) == rows[i][0] for i in colour_rows)
 
     numbers = {
         "concept": config.concept,
