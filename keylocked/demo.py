@@ -37,17 +37,17 @@ class DemoConfig:
     concept: str = "teddy bear"  # a held-out demo emoji bundled with the model
     placeholder_token: str = "<my-emoji>"
     other_object: str = "apple"
-    max_train_steps: int = 150
+    max_train_steps: int = 300
     train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate_embedding: float = 0.006
     learning_rate_values: float = 0.03
-    betas: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)
+    betas: tuple[float, ...] = (0.5, 0.7, 0.9, 1.1)  # wide: the concept token scores s ≈ 1, so the gate closes near β ≈ 1
     beta: float = 0.7
     tau: float = 0.15
     colours: tuple[str, ...] = DEMO_COLOURS
     num_inference_steps: int = 25
-    guidance_scale: float = 4.0
+    guidance_scale: float = 7.5
     seed: int = 0
     progress: bool = True
 
