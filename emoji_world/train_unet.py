@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ class UnetTrainConfig:
     device: str = "auto"
     threads: int = 1
     resume: bool = False
+    # warm start from a shipped pipeline folder (fp16 EMA weights; fresh optimizer) when no
+    # checkpoint is at hand, e.g. on a new machine: keylocked/models/emoji-64
+    init_from: Path | None = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.p_drop_caption < 1 or not 0 < self.ema_decay < 1:
@@ -82,6 +86,13 @@ def train(cfg: UnetTrainConfig) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
         print(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
+    elif cfg.init_from is not None:
+        shipped = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet", torch_dtype=torch.float32)
+        unet.load_state_dict(shipped.state_dict())
+        ema.load_state_dict(shipped.state_dict())
+        info = json.loads((Path(cfg.init_from) / "export_info.json").read_text())
+        step, elapsed = int(info.get("unet_steps", 0)), 60.0 * float(info.get("unet_train_minutes", 0.0))
+        print(f"warm start from {cfg.init_from} (step {step}; fresh optimizer)", flush=True)
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {len(set(names))} concepts, "
           f"{len(sprites)} sprites, device {device}, threads {cfg.threads}", flush=True)
 
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(value, bool):
             parser.add_argument(f"--{name}", action="store_true")
         else:
-            parser.add_argument(f"--{name}", type=type(value), default=value)
+            parser.add_argument(f"--{name}", type=Path if value is None else type(value), default=value)
     train(UnetTrainConfig(**vars(parser.parse_args(argv))))
 
 
