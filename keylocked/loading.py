@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, single_token_id
 from .concept import Concept
 from .covariance import Covariance, base_vocabulary_size, pipeline_folder, resolve_covariance
-from .layers import ConceptSlot, KeyLockedContext, KeyLockedLinear, Lock
+from .layers import ConceptSlot, KeyLockedContext, KeyLockedLinear, Lock, WrappedLinear
 from .tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -41,13 +41,18 @@ def install_keylocked_layers(unet: nn.Module, input_covariance_inv: Tensor) -> K
     return context
 
 
-def uninstall_keylocked_layers(unet: nn.Module) -> None:
-    """Put the original ``to_k``/``to_v`` modules back."""
+def unwrap_projections(unet: nn.Module, wrapper_type: type[WrappedLinear]) -> None:
+    """Put the original ``to_k``/``to_v`` back wherever a ``wrapper_type`` stands in for them."""
     for layer in cross_attention_layers(unet).values():
         for projection in ("to_k", "to_v"):
             module = getattr(layer, projection)
-            if isinstance(module, KeyLockedLinear):
+            if isinstance(module, wrapper_type):
                 setattr(layer, projection, module.base_layer)
+
+
+def uninstall_keylocked_layers(unet: nn.Module) -> None:
+    """Put the original ``to_k``/``to_v`` modules back."""
+    unwrap_projections(unet, KeyLockedLinear)
     if hasattr(unet, "_keylocked_context"):
         del unet._keylocked_context
 
@@ -55,10 +60,6 @@ def uninstall_keylocked_layers(unet: nn.Module) -> None:
 def value_layers(unet: nn.Module) -> dict[str, KeyLockedLinear]:
     """Layer path -> the wrapped ``to_v`` of each cross-attention layer."""
     return {name: layer.to_v for name, layer in cross_attention_layers(unet).items() if isinstance(layer.to_v, KeyLockedLinear)}
-
-
-def keylocked_layers(unet: nn.Module) -> list[KeyLockedLinear]:
-    return [m for m in unet.modules() if isinstance(m, KeyLockedLinear)]
 
 
 # ---------------------------------------------------------------------------------------

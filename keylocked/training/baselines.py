@@ -119,11 +119,9 @@ def _wrap_kv(unet: nn.Module) -> dict[str, DeltaLinear]:
 
 
 def _unwrap_kv(unet: nn.Module) -> None:
-    for layer in cross_attention_layers(unet).values():
-        for projection in ("to_k", "to_v"):
-            module = getattr(layer, projection)
-            if isinstance(module, DeltaLinear):
-                setattr(layer, projection, module.base_layer)
+    from ..loading import unwrap_projections
+
+    unwrap_projections(unet, DeltaLinear)
 
 
 # ---------------------------------------------------------------------------------------
