@@ -39,6 +39,9 @@ class UnetTrainConfig:
     p_pair: float = 0.15
     max_steps: int = 1_000_000
     max_minutes: float = 110.0
+    # anneal the learning rate linearly to 0 over the last minutes of this run's budget: a short
+    # cool-down buys a lower loss than the same minutes at the peak rate
+    cooldown_minutes: float = 0.0
     checkpoint_minutes: float = 5.0
     seed: int = 0
     device: str = "auto"
@@ -119,8 +122,10 @@ def train(cfg: UnetTrainConfig) -> None:
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         # epsilon prediction loss
         loss = F.mse_loss(unet(noisy, t, cond).sample, noise)
+        minutes_left = cfg.max_minutes - (time.time() - session_start) / 60
+        cooldown = min(1.0, max(0.0, minutes_left) / cfg.cooldown_minutes) if cfg.cooldown_minutes > 0 else 1.0
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step) * cooldown
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
