@@ -57,6 +57,14 @@ class UnetTrainConfig:
                              f"p_drop_caption={self.p_drop_caption}, ema_decay={self.ema_decay}")
 
 
+def learning_rate(cfg: UnetTrainConfig, step: int, minutes_left: float) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant, then (with ``cooldown_minutes``)
+    linear decay to 0 as this run's time budget runs out."""
+    warmup = min(1.0, (step + 1) / cfg.warmup_steps)
+    cooldown = min(1.0, max(0.0, minutes_left) / cfg.cooldown_minutes) if cfg.cooldown_minutes > 0 else 1.0
+    return cfg.lr * warmup * cooldown
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -79,7 +87,6 @@ def train(cfg: UnetTrainConfig) -> None:
     unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / cfg.warmup_steps)
     ckpt_path = cfg.output / "checkpoint.pt"
     step, elapsed = 0, 0.0
     if cfg.resume and ckpt_path.exists():
@@ -123,9 +130,8 @@ def train(cfg: UnetTrainConfig) -> None:
         # epsilon prediction loss
         loss = F.mse_loss(unet(noisy, t, cond).sample, noise)
         minutes_left = cfg.max_minutes - (time.time() - session_start) / 60
-        cooldown = min(1.0, max(0.0, minutes_left) / cfg.cooldown_minutes) if cfg.cooldown_minutes > 0 else 1.0
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step) * cooldown
+            group["lr"] = learning_rate(cfg, step, minutes_left)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -109,7 +109,7 @@ def splits():
 
 @pytest.fixture(scope="module")
 def bert_tokenizer():
-    from emoji_world.common import load_text_encoder, text_model_dir
+    from emoji_world.common import text_model_dir
     from transformers import BertTokenizer
 
     return BertTokenizer.from_pretrained(text_model_dir(), model_max_length=32)
@@ -247,3 +247,15 @@ def test_evaluate_border_colour_ignores_edge_line_and_object(sprites, colour):
     assert nearest_colour(border_colour(image)) == colour
     vec = embed(image)
     assert vec.shape == (768,) and abs(np.linalg.norm(vec) - 1) < 1e-4
+
+
+def test_unet_learning_rate_warmup_and_cooldown():
+    from emoji_world.train_unet import UnetTrainConfig, learning_rate
+
+    cfg = UnetTrainConfig(lr=1e-3, warmup_steps=10, max_minutes=100, cooldown_minutes=20)
+    assert learning_rate(cfg, 0, 100) == pytest.approx(1e-4)  # warm-up
+    assert learning_rate(cfg, 500, 50) == pytest.approx(1e-3)  # peak
+    assert learning_rate(cfg, 500, 10) == pytest.approx(5e-4)  # half-way through the cool-down
+    assert learning_rate(cfg, 500, -1) == 0.0  # budget spent
+    no_cooldown = UnetTrainConfig(lr=1e-3, warmup_steps=10)
+    assert learning_rate(no_cooldown, 500, 0.5) == pytest.approx(1e-3)
