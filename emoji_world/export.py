@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .catalog import DEMO_HELD_OUT, build_catalog, load_splits
+from .catalog import build_catalog, load_splits
 from .common import DDIM_CONFIG, UNET_CONFIG, VAE_CONFIG, load_text_encoder, seed_everything
-from .compose import COLOURS, augmented_view
+from .compose import augmented_view
 from .render import render, to_array
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "keylocked" / "models" / "emoji-64"
