@@ -88,14 +88,15 @@ def build(args):
     return load_pipeline(args.model, device=args.device)
 
 
-def covariance_for(pipe, model: str):
+def covariance_for(pipe, args):
     """The model's bundled covariance when there is one, else the identity (speed does not depend on it)."""
     from keylocked.covariance import Covariance
     from keylocked.models import EMBEDDED_MODELS
 
-    bundled = EMBEDDED_MODELS.get(model, Path(model)) / "covariance.safetensors"
-    if model and bundled.is_file():
-        return Covariance.load(bundled)
+    if args.config != "sd15":  # the SD 1.5 shapes are random weights: nothing is bundled for them
+        bundled = EMBEDDED_MODELS.get(args.model, Path(args.model)) / "covariance.safetensors"
+        if bundled.is_file():
+            return Covariance.load(bundled)
     dim = int(pipe.text_encoder.config.hidden_size)
     return Covariance(torch.eye(dim), "", {"corpus": "identity (benchmark)"})
 
@@ -127,7 +128,7 @@ def inference(args) -> dict:
     from keylocked.layers import KeyLockedLinear
 
     pipe = build(args)
-    covariance = covariance_for(pipe, "" if args.config == "sd15" else args.model)
+    covariance = covariance_for(pipe, args)
     concepts = random_concepts(pipe, 3)
     # the same prompt shape for every case: three object words, concept tokens or plain words
     prompts = {0: "a photo of a dog and a cat and a car on a table", 1: "a photo of a <c0> and a cat and a car on a table",
@@ -255,7 +256,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     pipe = build(args)
-    covariance = covariance_for(pipe, "" if args.config == "sd15" else args.model)
+    covariance = covariance_for(pipe, args)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         cov_path = covariance.save(folder / "covariance.safetensors")

@@ -161,7 +161,8 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
     snapshot = TokenizerSnapshot(tokenizer)
     fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
 
-    device, weight_dtype = freeze_and_place(pipe, accelerator.device, config.mixed_precision)
+    device = accelerator.device
+    weight_dtype = freeze_and_place(pipe, device, config.mixed_precision)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     hooks, trainables, groups = [], {}, []

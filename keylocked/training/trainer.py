@@ -60,8 +60,8 @@ def _resolution(config: TrainConfig, pipe) -> int:
     return int(pipe.unet.config.sample_size) * scale
 
 
-def freeze_and_place(pipe, device: torch.device, mixed_precision: str) -> tuple[torch.device, torch.dtype]:
-    """Freeze every base model and move it to ``device``; UNet/VAE in the mixed-precision dtype.
+def freeze_and_place(pipe, device: torch.device, mixed_precision: str) -> torch.dtype:
+    """Freeze every base model and move it to ``device``; UNet/VAE in the mixed-precision dtype (returned).
 
     The text encoder stays fp32: gradients flow through it into the new token's embedding.
     """
@@ -74,7 +74,7 @@ def freeze_and_place(pipe, device: torch.device, mixed_precision: str) -> tuple[
     pipe.unet.to(device, weight_dtype)
     if pipe.vae is not None:
         pipe.vae.to(device, weight_dtype)
-    return device, weight_dtype
+    return weight_dtype
 
 
 def _latest_checkpoint(output_dir: Path) -> Path | None:
@@ -125,7 +125,8 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
     snapshot = TokenizerSnapshot(tokenizer)
     fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
 
-    device, weight_dtype = freeze_and_place(pipe, accelerator.device, config.mixed_precision)
+    device = accelerator.device
+    weight_dtype = freeze_and_place(pipe, device, config.mixed_precision)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # -- the new token, hooked so that only its embedding row is trained ---------------------
