@@ -55,6 +55,10 @@ class UnetTrainConfig:
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.p_drop_caption < 1 or not 0 < self.ema_decay < 1:
             raise ValueError(f"bad UNet training config: batch_size={self.batch_size}, lr={self.lr}, "
                              f"p_drop_caption={self.p_drop_caption}, ema_decay={self.ema_decay}")
+        if self.cooldown_minutes < 0:
+            raise ValueError(f"cooldown_minutes must be >= 0, got {self.cooldown_minutes}")
+        if self.init_from is not None and not (Path(self.init_from) / "unet").is_dir():
+            raise ValueError(f"--init_from {self.init_from}: not an exported emoji-64 folder (no unet/ inside)")
 
 
 def learning_rate(cfg: UnetTrainConfig, step: int, minutes_left: float) -> float:
@@ -100,7 +104,8 @@ def train(cfg: UnetTrainConfig) -> None:
         shipped = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet", torch_dtype=torch.float32)
         unet.load_state_dict(shipped.state_dict())
         ema.load_state_dict(shipped.state_dict())
-        info = json.loads((Path(cfg.init_from) / "export_info.json").read_text())
+        info_path = Path(cfg.init_from) / "export_info.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         step, elapsed = int(info.get("unet_steps", 0)), 60.0 * float(info.get("unet_train_minutes", 0.0))
         print(f"warm start from {cfg.init_from} (step {step}; fresh optimizer)", flush=True)
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {len(set(names))} concepts, "
@@ -161,7 +166,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(f"--{name}", action="store_true")
         else:
             parser.add_argument(f"--{name}", type=Path if value is None else type(value), default=value)
-    train(UnetTrainConfig(**vars(parser.parse_args(argv))))
+    try:
+        config = UnetTrainConfig(**vars(parser.parse_args(argv)))
+    except ValueError as error:
+        parser.error(str(error))
+    train(config)
 
 
 if __name__ == "__main__":

@@ -259,3 +259,13 @@ def test_unet_learning_rate_warmup_and_cooldown():
     assert learning_rate(cfg, 500, -1) == 0.0  # budget spent
     no_cooldown = UnetTrainConfig(lr=1e-3, warmup_steps=10)
     assert learning_rate(no_cooldown, 500, 0.5) == pytest.approx(1e-3)
+
+
+def test_unet_train_config_rejects_bad_cooldown_and_init_from(tmp_path):
+    from emoji_world.train_unet import UnetTrainConfig, main
+
+    with pytest.raises(ValueError, match="cooldown_minutes"):
+        UnetTrainConfig(cooldown_minutes=-1)
+    with pytest.raises(SystemExit):  # argparse error, no traceback, nothing written
+        main(["--init_from", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
