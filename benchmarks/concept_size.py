@@ -28,11 +28,16 @@ def sd15_unet_on_meta() -> UNet2DConditionModel:
     """SD 1.5's UNet2DConditionModel config (runwayml/stable-diffusion-v1-5/unet/config.json)."""
     with init_empty_weights():
         return UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
             block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=32,
+            cross_attention_dim=TEXT_DIM,
+            attention_head_dim=8,
+            norm_num_groups=32,
         )
 
 
@@ -46,12 +51,19 @@ def sd15_concept(unet: UNet2DConditionModel) -> Concept:
         token_embedding=torch.randn(TEXT_DIM, generator=generator),
         concept_input=torch.randn(TEXT_DIM, generator=generator),
         superclass_input=torch.randn(TEXT_DIM, generator=generator),
-        value_targets={name: torch.randn(layer.to_v.out_features, generator=generator) for name, layer in layers.items()},
+        value_targets={
+            name: torch.randn(layer.to_v.out_features, generator=generator) for name, layer in layers.items()
+        },
         base_model_fingerprint=hashlib.sha256(b"stable-diffusion-v1-5").hexdigest(),
         covariance_sha256=hashlib.sha256(b"clip-vit-l-14 covariance").hexdigest(),
         training={
-            "steps": 400, "effective_batch_size": 16, "learning_rate_embedding": 0.006,
-            "learning_rate_values": 0.03, "mask": "attention", "seed": 0, "resolution": 512,
+            "steps": 400,
+            "effective_batch_size": 16,
+            "learning_rate_embedding": 0.006,
+            "learning_rate_values": 0.03,
+            "mask": "attention",
+            "seed": 0,
+            "resolution": 512,
             "base_model": "/models/stable-diffusion-v1-5",
         },
     )
@@ -61,8 +73,10 @@ def main() -> None:
     unet = sd15_unet_on_meta()
     concept = sd15_concept(unet)
     widths = [t.numel() for t in concept.value_targets.values()]
-    print(f"SD 1.5 UNet (meta device): {sum(p.numel() for p in unet.parameters()):,} parameters, "
-          f"{len(widths)} cross-attention layers, value widths {sorted(set(widths))}")
+    print(
+        f"SD 1.5 UNet (meta device): {sum(p.numel() for p in unet.parameters()):,} parameters, "
+        f"{len(widths)} cross-attention layers, value widths {sorted(set(widths))}"
+    )
     parameters = concept.num_parameters()
     print(f"concept: {parameters:,} numbers = 3 x {TEXT_DIM} + {sum(widths):,} value-target entries\n")
     rows = []

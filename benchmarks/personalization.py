@@ -41,7 +41,7 @@ from emoji_world.build_dataset import load_sprites  # noqa: E402
 from emoji_world.catalog import load_splits  # noqa: E402
 from emoji_world.compose import Layout, Placed, augmented_view, render_layout, sample_layout  # noqa: E402
 from keylocked.evaluation import EvalConfig, EvalItem, evaluate, evaluate_pairs, separating_threshold, write_results  # noqa: E402
-from keylocked.evaluation.evaluate import summary_table, summarize  # noqa: E402
+from keylocked.evaluation.evaluate import summarize, summary_table  # noqa: E402
 from keylocked.evaluation.metrics import image_alignment  # noqa: E402
 from keylocked.training import TrainConfig  # noqa: E402
 from keylocked.training.baselines import METHODS, BaselineOptions, Personalization, train  # noqa: E402
@@ -58,7 +58,20 @@ PROMPTS = (
 )
 PAIR_TEMPLATE = "a {} and a {} on a white background"
 VIEW_BACKGROUNDS = ("white", "white", "white", "yellow", "blue", "pink")  # as emoji-64's demo examples
-IDENTIFIERS = ("sks", "zwx", "qtr", "xjq", "pzk", "wqv", "kxz", "jvq", "yxw", "vbn", "hjx", "fzq")  # DreamBooth rare words
+IDENTIFIERS = (
+    "sks",
+    "zwx",
+    "qtr",
+    "xjq",
+    "pzk",
+    "wqv",
+    "kxz",
+    "jvq",
+    "yxw",
+    "vbn",
+    "hjx",
+    "fzq",
+)  # DreamBooth rare words
 
 
 @dataclass
@@ -79,12 +92,38 @@ class Settings:
     pair_seeds: tuple[int, ...]
 
 
-FULL = Settings(concepts=12, methods=METHODS, steps=400, batch=4, accumulation=4, prompts=PROMPTS, seeds=(0, 1, 2, 3),
-                local_betas=(0.5, 0.6, 0.7, 0.8, 0.9), global_betas=(0.3, 0.4, 0.5, 0.6, 0.7), lora_scales=(0.5, 1.0),
-                inference_steps=25, guidance=4.0, pairs=6, pair_seeds=tuple(range(8)))
-QUICK = Settings(concepts=2, methods=METHODS, steps=8, batch=2, accumulation=1, prompts=PROMPTS[1:2] + PROMPTS[6:7], seeds=(0,),
-                 local_betas=(0.6, 0.8), global_betas=(0.5,), lora_scales=(1.0,), inference_steps=8, guidance=4.0,
-                 pairs=1, pair_seeds=(0, 1))
+FULL = Settings(
+    concepts=12,
+    methods=METHODS,
+    steps=400,
+    batch=4,
+    accumulation=4,
+    prompts=PROMPTS,
+    seeds=(0, 1, 2, 3),
+    local_betas=(0.5, 0.6, 0.7, 0.8, 0.9),
+    global_betas=(0.3, 0.4, 0.5, 0.6, 0.7),
+    lora_scales=(0.5, 1.0),
+    inference_steps=25,
+    guidance=4.0,
+    pairs=6,
+    pair_seeds=tuple(range(8)),
+)
+QUICK = Settings(
+    concepts=2,
+    methods=METHODS,
+    steps=8,
+    batch=2,
+    accumulation=1,
+    prompts=PROMPTS[1:2] + PROMPTS[6:7],
+    seeds=(0,),
+    local_betas=(0.6, 0.8),
+    global_betas=(0.5,),
+    lora_scales=(1.0,),
+    inference_steps=8,
+    guidance=4.0,
+    pairs=1,
+    pair_seeds=(0, 1),
+)
 
 
 def slug(name: str) -> str:
@@ -93,7 +132,9 @@ def slug(name: str) -> str:
 
 def example_views(sprite: np.ndarray, seed: int, count: int = 6) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(augmented_view(sprite, rng, VIEW_BACKGROUNDS[i % len(VIEW_BACKGROUNDS)])) for i in range(count)]
+    return [
+        Image.fromarray(augmented_view(sprite, rng, VIEW_BACKGROUNDS[i % len(VIEW_BACKGROUNDS)])) for i in range(count)
+    ]
 
 
 def benchmark_concepts(data: Path, count: int, style: str = "noto") -> dict[str, tuple[str, np.ndarray]]:
@@ -118,27 +159,49 @@ def train_all(pipe, model: str, concepts: dict, settings: Settings, work: Path, 
         for method in settings.methods:
             output = work / "concepts" / method / slug(name)
             record = output / "benchmark_training.json"
-            wanted = {"steps": settings.steps, "batch": settings.batch, "accumulation": settings.accumulation, "model": model}
+            wanted = {
+                "steps": settings.steps,
+                "batch": settings.batch,
+                "accumulation": settings.accumulation,
+                "model": model,
+            }
             if record.is_file() and json.loads(record.read_text()).get("settings") == wanted:
                 item = Personalization.from_path(output)
                 trained[(name, method)] = (item, json.loads(record.read_text())["seconds"])
                 continue
             config = TrainConfig(
-                pretrained_model_name_or_path=model, instance_data_dir=str(instance), placeholder_token=f"<{slug(name)}>",
-                superclass_token=superclass, output_dir=str(output), max_train_steps=settings.steps,
-                train_batch_size=settings.batch, gradient_accumulation_steps=settings.accumulation,
-                checkpointing_steps=10**6, covariance=covariance, progress=False, seed=index,
+                pretrained_model_name_or_path=model,
+                instance_data_dir=str(instance),
+                placeholder_token=f"<{slug(name)}>",
+                superclass_token=superclass,
+                output_dir=str(output),
+                max_train_steps=settings.steps,
+                train_batch_size=settings.batch,
+                gradient_accumulation_steps=settings.accumulation,
+                checkpointing_steps=10**6,
+                covariance=covariance,
+                progress=False,
+                seed=index,
             )
             started = time.perf_counter()
-            train(config, method=method, pipe=pipe, options=BaselineOptions(identifier=IDENTIFIERS[index % len(IDENTIFIERS)]))
+            train(
+                config,
+                method=method,
+                pipe=pipe,
+                options=BaselineOptions(identifier=IDENTIFIERS[index % len(IDENTIFIERS)]),
+            )
             seconds = time.perf_counter() - started
             record.write_text(json.dumps({"settings": wanted, "seconds": seconds}))
             trained[(name, method)] = (Personalization.from_path(output), seconds)
-            log(f"trained {method:<18} {name:<16} {seconds:7.1f} s  {trained[(name, method)][0].size_bytes():>9,} bytes")
+            log(
+                f"trained {method:<18} {name:<16} {seconds:7.1f} s  {trained[(name, method)][0].size_bytes():>9,} bytes"
+            )
     return trained
 
 
-def presence_thresholds(embedder, concepts: dict, references: dict, data: Path, samples: int = 24, seed: int = 7) -> dict:
+def presence_thresholds(
+    embedder, concepts: dict, references: dict, data: Path, samples: int = 24, seed: int = 7
+) -> dict:
     """Per concept: the image-alignment threshold separating real pair renders with it from pairs without it."""
     held_in, _ = load_sprites(data, split="train")
     rng = np.random.default_rng(seed)
@@ -162,19 +225,29 @@ def presence_thresholds(embedder, concepts: dict, references: dict, data: Path, 
         scores_pos = image_alignment(embedder.embed_images(positives), references[name])
         scores_neg = image_alignment(embedder.embed_images(negatives), references[name])
         threshold, accuracy = separating_threshold(scores_pos, scores_neg)
-        thresholds[name] = {"threshold": round(threshold, 5), "calibration_balanced_accuracy": round(accuracy, 4),
-                            "positives_mean": round(float(scores_pos.mean()), 4), "negatives_mean": round(float(scores_neg.mean()), 4)}
+        thresholds[name] = {
+            "threshold": round(threshold, 5),
+            "calibration_balanced_accuracy": round(accuracy, 4),
+            "positives_mean": round(float(scores_pos.mean()), 4),
+            "negatives_mean": round(float(scores_neg.mean()), 4),
+        }
     return thresholds
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 concepts, 8 steps, few prompts: checks the machinery in minutes")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 concepts, 8 steps, few prompts: checks the machinery in minutes"
+    )
     parser.add_argument("--model", default="emoji-64")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "emoji-world")
     parser.add_argument("--output", type=Path, default=None, help="default: benchmarks/results/personalization[-quick]")
-    parser.add_argument("--work", type=Path, default=None, help="trained concepts and instance images (default: OUTPUT/work)")
-    parser.add_argument("--evaluator", default=None, help="emoji evaluator weights (default: the shipped one) or clip:DIR")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="trained concepts and instance images (default: OUTPUT/work)"
+    )
+    parser.add_argument(
+        "--evaluator", default=None, help="emoji evaluator weights (default: the shipped one) or clip:DIR"
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     parser.add_argument("--concepts", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -187,11 +260,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
-    overrides = {k: getattr(args, k) for k in ("methods", "concepts", "steps", "batch", "accumulation") if getattr(args, k)}
+    overrides = {
+        k: getattr(args, k) for k in ("methods", "concepts", "steps", "batch", "accumulation") if getattr(args, k)
+    }
     if args.seeds:
         overrides["seeds"] = tuple(range(args.seeds))
-    settings = Settings(**{**settings.__dict__, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}})
-    output = args.output or ROOT / "benchmarks" / "results" / ("personalization-quick" if args.quick else "personalization")
+    settings = Settings(
+        **{**settings.__dict__, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}}
+    )
+    output = args.output or ROOT / "benchmarks" / "results" / (
+        "personalization-quick" if args.quick else "personalization"
+    )
     work = args.work or output / "work"
     output.mkdir(parents=True, exist_ok=True)
     log_lines = []
@@ -208,11 +287,20 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = EMBEDDED_MODELS.get(args.model, Path(args.model))
     covariance = model_dir / "covariance.safetensors"
     covariance = str(covariance) if covariance.is_file() else None
-    trained_flag = json.loads((model_dir / "export_info.json").read_text()).get("trained") if (model_dir / "export_info.json").is_file() else None
+    trained_flag = (
+        json.loads((model_dir / "export_info.json").read_text()).get("trained")
+        if (model_dir / "export_info.json").is_file()
+        else None
+    )
     if trained_flag is False:
-        log(f"WARNING: {args.model} is the untrained placeholder (export_info.json trained=false): numbers check the machinery only")
-    embedder = (CLIPEmbedder(args.evaluator[5:], device=args.device) if args.evaluator and args.evaluator.startswith("clip:")
-                else EmojiEvaluator.load(args.evaluator, device=args.device))
+        log(
+            f"WARNING: {args.model} is the untrained placeholder (export_info.json trained=false): numbers check the machinery only"
+        )
+    embedder = (
+        CLIPEmbedder(args.evaluator[5:], device=args.device)
+        if args.evaluator and args.evaluator.startswith("clip:")
+        else EmojiEvaluator.load(args.evaluator, device=args.device)
+    )
 
     # -- the user's photos: augmented views of each held-out benchmark concept ----------------
     concepts = benchmark_concepts(args.data, settings.concepts)
@@ -229,62 +317,130 @@ def main(argv: list[str] | None = None) -> None:
     trained = train_all(pipe, args.model, concepts, settings, work, covariance, log)
 
     # -- generate and score ------------------------------------------------------------------
-    config = EvalConfig(prompts=settings.prompts, seeds=settings.seeds, betas=settings.local_betas, locks=("local", "global"),
-                        global_betas=settings.global_betas, lora_scales=settings.lora_scales,
-                        num_inference_steps=settings.inference_steps, guidance_scale=settings.guidance)
+    config = EvalConfig(
+        prompts=settings.prompts,
+        seeds=settings.seeds,
+        betas=settings.local_betas,
+        locks=("local", "global"),
+        global_betas=settings.global_betas,
+        lora_scales=settings.lora_scales,
+        num_inference_steps=settings.inference_steps,
+        guidance_scale=settings.guidance,
+    )
     items = [EvalItem(name, superclass, references[name]) for name, (superclass, _) in concepts.items()]
-    items += [EvalItem(name, concepts[name][0], references[name], trained[(name, method)][0])
-              for method in settings.methods for name in concepts]
+    items += [
+        EvalItem(name, concepts[name][0], references[name], trained[(name, method)][0])
+        for method in settings.methods
+        for name in concepts
+    ]
     rows = evaluate(pipe, items, embedder, config, covariance=covariance, log=log)
 
     # -- several concepts trained apart, prompted together ------------------------------------
-    thresholds = presence_thresholds(embedder, concepts, {n: embedder.embed_images(r) for n, r in references.items()}, args.data)
+    thresholds = presence_thresholds(
+        embedder, concepts, {n: embedder.embed_images(r) for n, r in references.items()}, args.data
+    )
     names = list(concepts)
     pair_names = [(names[2 * i], names[2 * i + 1]) for i in range(min(settings.pairs, len(names) // 2))]
-    pair_config = EvalConfig(prompts=("{}",), seeds=settings.pair_seeds, num_inference_steps=settings.inference_steps, guidance_scale=settings.guidance)
+    pair_config = EvalConfig(
+        prompts=("{}",),
+        seeds=settings.pair_seeds,
+        num_inference_steps=settings.inference_steps,
+        guidance_scale=settings.guidance,
+    )
     pair_rows = []
     for method in ("base",) + tuple(settings.methods):
-        def item(name):
-            return EvalItem(name, concepts[name][0], references[name], None if method == "base" else trained[(name, method)][0])
+
+        def item(name, method=method):
+            return EvalItem(
+                name, concepts[name][0], references[name], None if method == "base" else trained[(name, method)][0]
+            )
+
         setting = {"beta": FULL.local_betas[2], "lock": "local"} if method == "perfusion" else None
-        pair_rows += evaluate_pairs(pipe, [(item(a), item(b)) for a, b in pair_names], embedder, pair_config,
-                                    {n: t["threshold"] for n, t in thresholds.items()}, template=PAIR_TEMPLATE,
-                                    setting=setting, covariance=covariance, log=log)
+        pair_rows += evaluate_pairs(
+            pipe,
+            [(item(a), item(b)) for a, b in pair_names],
+            embedder,
+            pair_config,
+            {n: t["threshold"] for n, t in thresholds.items()},
+            template=PAIR_TEMPLATE,
+            setting=setting,
+            covariance=covariance,
+            log=log,
+        )
 
     # -- files ---------------------------------------------------------------------------------
-    sizes = {method: {name: trained[(name, method)][0].size_bytes() for name in concepts} for method in settings.methods}
+    sizes = {
+        method: {name: trained[(name, method)][0].size_bytes() for name in concepts} for method in settings.methods
+    }
     times = {method: {name: round(trained[(name, method)][1], 2) for name in concepts} for method in settings.methods}
-    extra = {"model": args.model, "model_trained": trained_flag, "settings": {k: v for k, v in settings.__dict__.items()},
-             "device": args.device, "threads": torch.get_num_threads(), "concepts": {n: s for n, (s, _) in concepts.items()}}
+    extra = {
+        "model": args.model,
+        "model_trained": trained_flag,
+        "settings": {k: v for k, v in settings.__dict__.items()},
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "concepts": {n: s for n, (s, _) in concepts.items()},
+    }
     write_results(rows, output, embedder_name=embedder.name, extra=extra)
-    (output / "training.json").write_text(json.dumps({"size_bytes": sizes, "training_seconds": times, **extra}, indent=1) + "\n")
+    (output / "training.json").write_text(
+        json.dumps({"size_bytes": sizes, "training_seconds": times, **extra}, indent=1) + "\n"
+    )
     pair_summary = {}
     for row in pair_rows:
         entry = pair_summary.setdefault(row["method"], {"images": 0, "both_present": 0, "a_present": 0, "b_present": 0})
         entry["images"] += 1
         for key in ("both_present", "a_present", "b_present"):
             entry[key] += int(row[key])
-    (output / "pairs.json").write_text(json.dumps({"template": PAIR_TEMPLATE, "thresholds": thresholds, "summary": pair_summary,
-                                                   "rows": pair_rows, **extra}, indent=1) + "\n")
+    (output / "pairs.json").write_text(
+        json.dumps(
+            {"template": PAIR_TEMPLATE, "thresholds": thresholds, "summary": pair_summary, "rows": pair_rows, **extra},
+            indent=1,
+        )
+        + "\n"
+    )
     _markdown(output, summarize(rows), embedder.name, sizes, times, pair_summary, thresholds, extra)
     (output / "log.txt").write_text("\n".join(log_lines) + "\n")
     log(f"done in {(time.time() - started) / 60:.1f} min; results in {output}")
 
 
 def _markdown(output: Path, summary, embedder_name, sizes, times, pair_summary, thresholds, extra) -> None:
-    lines = [f"# Personalization benchmark ({extra['model']}{'' if extra['model_trained'] is not False else ', UNTRAINED placeholder'})", "",
-             f"Device {extra['device']}, {extra['threads']} thread(s). Settings: `{json.dumps(extra['settings'])}`", "",
-             "![pareto](pareto.png)", "", summary_table(summary, embedder_name), "## Size and training time per concept", "",
-             "| method | mean bytes | mean training seconds |", "|---|---|---|"]
+    lines = [
+        f"# Personalization benchmark ({extra['model']}{'' if extra['model_trained'] is not False else ', UNTRAINED placeholder'})",
+        "",
+        f"Device {extra['device']}, {extra['threads']} thread(s). Settings: `{json.dumps(extra['settings'])}`",
+        "",
+        "![pareto](pareto.png)",
+        "",
+        summary_table(summary, embedder_name),
+        "## Size and training time per concept",
+        "",
+        "| method | mean bytes | mean training seconds |",
+        "|---|---|---|",
+    ]
     for method in sizes:
-        lines.append(f"| {method} | {np.mean(list(sizes[method].values())):,.0f} | {np.mean(list(times[method].values())):.1f} |")
-    lines += ["", f"## Two concepts trained apart, prompted together (\"{PAIR_TEMPLATE}\")", "",
-              "| method | images | A present | B present | both present |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {method} | {np.mean(list(sizes[method].values())):,.0f} | {np.mean(list(times[method].values())):.1f} |"
+        )
+    lines += [
+        "",
+        f'## Two concepts trained apart, prompted together ("{PAIR_TEMPLATE}")',
+        "",
+        "| method | images | A present | B present | both present |",
+        "|---|---|---|---|---|",
+    ]
     for method, entry in pair_summary.items():
         n = entry["images"]
-        lines.append(f"| {method} | {n} | {entry['a_present'] / n:.0%} | {entry['b_present'] / n:.0%} | {entry['both_present'] / n:.0%} |")
-    lines += ["", "Presence thresholds (image alignment; balanced accuracy on real renders): " +
-              ", ".join(f"{n}: {t['threshold']:.3f} ({t['calibration_balanced_accuracy']:.0%})" for n, t in thresholds.items()), ""]
+        lines.append(
+            f"| {method} | {n} | {entry['a_present'] / n:.0%} | {entry['b_present'] / n:.0%} | {entry['both_present'] / n:.0%} |"
+        )
+    lines += [
+        "",
+        "Presence thresholds (image alignment; balanced accuracy on real renders): "
+        + ", ".join(
+            f"{n}: {t['threshold']:.3f} ({t['calibration_balanced_accuracy']:.0%})" for n, t in thresholds.items()
+        ),
+        "",
+    ]
     (output / "README.md").write_text("\n".join(lines))
 
 

@@ -57,25 +57,60 @@ def sd15_pipeline(resolution: int = 512, device: str = "cpu"):
 
     torch.manual_seed(0)
     tokenizer = BertTokenizer.from_pretrained(text_encoder_dir(), model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, pad_token_id=0, bos_token_id=101, eos_token_id=102,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            pad_token_id=0,
+            bos_token_id=101,
+            eos_token_id=102,
+        )
+    )
     unet = UNet2DConditionModel(
-        sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=resolution,
     )
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False).to(device)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -111,12 +146,20 @@ def random_concepts(pipe, count: int) -> list:
     d_text = int(pipe.text_encoder.config.hidden_size)
     layers = cross_attention_layers(pipe.unet)
     words = ["dog", "cat", "car", "cup", "tree"]
-    return [Concept(
-        placeholder_token=f"<c{i}>", superclass_token=words[i % len(words)],
-        token_embedding=torch.randn(d_embed, generator=generator), concept_input=torch.randn(d_text, generator=generator),
-        superclass_input=torch.randn(d_text, generator=generator),
-        value_targets={n: torch.randn(getattr(l.to_v, "base_layer", l.to_v).out_features, generator=generator) for n, l in layers.items()},
-    ) for i in range(count)]
+    return [
+        Concept(
+            placeholder_token=f"<c{i}>",
+            superclass_token=words[i % len(words)],
+            token_embedding=torch.randn(d_embed, generator=generator),
+            concept_input=torch.randn(d_text, generator=generator),
+            superclass_input=torch.randn(d_text, generator=generator),
+            value_targets={
+                n: torch.randn(getattr(layer.to_v, "base_layer", layer.to_v).out_features, generator=generator)
+                for n, layer in layers.items()
+            },
+        )
+        for i in range(count)
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,8 +174,11 @@ def inference(args) -> dict:
     covariance = covariance_for(pipe, args)
     concepts = random_concepts(pipe, 3)
     # the same prompt shape for every case: three object words, concept tokens or plain words
-    prompts = {0: "a photo of a dog and a cat and a car on a table", 1: "a photo of a <c0> and a cat and a car on a table",
-               3: "a photo of a <c0> and a <c1> and a <c2> on a table"}
+    prompts = {
+        0: "a photo of a dog and a cat and a car on a table",
+        1: "a photo of a <c0> and a cat and a car on a table",
+        3: "a photo of a <c0> and a <c1> and a <c2> on a table",
+    }
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=7.5, output_type="np")
     if args.resolution:
         kwargs.update(height=args.resolution, width=args.resolution)
@@ -171,7 +217,9 @@ def inference(args) -> dict:
         "seconds_median": {k: round(v, 4) for k, v in median.items()},
         "seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "ratio_vs_stock": {k: round(v / median["0"], 4) for k, v in median.items() if k != "0"},
-        "steps": args.steps, "repeats": args.repeats, "cfg": True,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "cfg": True,
     }
 
 
@@ -182,7 +230,9 @@ def unet_step_times(pipe, prompts: dict, concepts: list, covariance, args, calls
     from keylocked.base_model import encode_prompts
 
     size = (args.resolution or 8 * pipe.unet.config.sample_size) // (2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    latents = torch.randn(2, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(args.device)
+    latents = torch.randn(2, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(
+        args.device
+    )
     timestep = torch.tensor(500, device=args.device)
     best = {}
     for _ in range(args.repeats):
@@ -226,7 +276,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.current())
             time.sleep(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.start = self.peak = self.current()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -244,7 +294,9 @@ def _instance_images(folder: Path, size: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(4):
         image = Image.new("RGB", (size, size), "white")
-        image.paste(Image.new("RGB", (size // 2, size // 2), (200, 40 + 50 * index, 40)), (size // 4 + index, size // 4))
+        image.paste(
+            Image.new("RGB", (size // 2, size // 2), (200, 40 + 50 * index, 40)), (size // 4 + index, size // 4)
+        )
         image.save(folder / f"{index}.png")
     return folder
 
@@ -261,10 +313,18 @@ def worker(args) -> dict:
         folder = Path(folder)
         cov_path = covariance.save(folder / "covariance.safetensors")
         config = TrainConfig(
-            pretrained_model_name_or_path=args.model, instance_data_dir=str(_instance_images(folder / "images", 64)),
-            placeholder_token="<bench>", superclass_token="dog", output_dir=str(folder / "out"), resolution=args.resolution,
-            train_batch_size=args.batch, gradient_accumulation_steps=1, max_train_steps=args.train_steps,
-            checkpointing_steps=10**6, covariance=str(cov_path), progress=False,
+            pretrained_model_name_or_path=args.model,
+            instance_data_dir=str(_instance_images(folder / "images", 64)),
+            placeholder_token="<bench>",
+            superclass_token="dog",
+            output_dir=str(folder / "out"),
+            resolution=args.resolution,
+            train_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            max_train_steps=args.train_steps,
+            checkpointing_steps=10**6,
+            covariance=str(cov_path),
+            progress=False,
         )
         cuda = args.device == "cuda"
         if cuda:
@@ -290,8 +350,13 @@ def worker(args) -> dict:
                 seconds = statistics.median(b - a for a, b in zip(stamps[:-1], stamps[1:]))
         torch.optim.AdamW.step = original_step
         peak = (torch.cuda.max_memory_allocated() - base) if cuda else (rss.peak - rss.start)
-        return {"worker": args.worker, "train_steps": args.train_steps, "seconds": seconds, "peak_bytes": peak,
-                "memory": "cuda max_memory_allocated" if cuda else "sampled RSS above the loaded pipeline"}
+        return {
+            "worker": args.worker,
+            "train_steps": args.train_steps,
+            "seconds": seconds,
+            "peak_bytes": peak,
+            "memory": "cuda max_memory_allocated" if cuda else "sampled RSS above the loaded pipeline",
+        }
 
 
 def plain_steps(pipe, config, args) -> float:
@@ -306,9 +371,13 @@ def plain_steps(pipe, config, args) -> float:
     instance = images_to_tensor(load_instance_images(config.instance_data_dir, _resolution(config, pipe)))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     device = torch.device(args.device)
-    _, noisy, timesteps, target, templates, _ = noised_batch(config, instance, step_generator(config.seed, 1), pipe.vae, scheduler, device, torch.float32)
+    _, noisy, timesteps, target, templates, _ = noised_batch(
+        config, instance, step_generator(config.seed, 1), pipe.vae, scheduler, device, torch.float32
+    )
     with torch.no_grad():
-        encodings, _ = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts_for(templates, config.superclass_token, config.templates))
+        encodings, _ = encode_prompts(
+            pipe.text_encoder, pipe.tokenizer, prompts_for(templates, config.superclass_token, config.templates)
+        )
     pipe.unet.requires_grad_(True).train()
     times = []
     for _ in range(max(2, args.train_steps)):
@@ -326,8 +395,24 @@ def plain_steps(pipe, config, args) -> float:
 
 def training(args) -> dict:
     def spawn(name: str, steps: int) -> dict:
-        command = [sys.executable, __file__, "--worker", name, "--train_steps", str(steps), "--model", args.model,
-                   "--config", args.config, "--device", args.device, "--threads", str(args.threads), "--batch", str(args.batch)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--train_steps",
+            str(steps),
+            "--model",
+            args.model,
+            "--config",
+            args.config,
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+            "--batch",
+            str(args.batch),
+        ]
         if args.resolution:
             command += ["--resolution", str(args.resolution)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -336,16 +421,23 @@ def training(args) -> dict:
             raise RuntimeError(f"worker {name} failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    result = {"batch": args.batch, "steps": args.train_steps_measured, "rounds": args.rounds, "methods": {},
-              "timing": "min over rounds of the median interval between optimizer steps (min: least disturbed by other load)"}
+    result = {
+        "batch": args.batch,
+        "steps": args.train_steps_measured,
+        "rounds": args.rounds,
+        "methods": {},
+        "timing": "min over rounds of the median interval between optimizer steps (min: least disturbed by other load)",
+    }
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):  # rounds alternate the methods, so drifting machine load hits them alike
         for name in METHODS + ("plain",):
             runs.setdefault(name, []).append(spawn(name, args.train_steps_measured))
     for name, measured in runs.items():
-        entry = {"seconds_per_step": round(min(r["seconds"] for r in measured), 4),
-                 "seconds_per_step_all": [round(r["seconds"], 4) for r in measured],
-                 "peak_mib": round(max(r["peak_bytes"] for r in measured) / 2**20, 1)}
+        entry = {
+            "seconds_per_step": round(min(r["seconds"] for r in measured), 4),
+            "seconds_per_step_all": [round(r["seconds"], 4) for r in measured],
+            "peak_mib": round(max(r["peak_bytes"] for r in measured) / 2**20, 1),
+        }
         if name == "plain":
             result["plain_unet_forward_backward"] = entry
         else:
@@ -372,17 +464,27 @@ def sizes(lora_rank: int = 4) -> dict:
 
     with init_empty_weights():
         unet = UNet2DConditionModel(
-            sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+            sample_size=64,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
         )
     layers = cross_attention_layers(unet)
     half = lambda *shape: torch.zeros(*shape, dtype=torch.float16)  # noqa: E731
     out = {}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        concept = Concept("<c>", "dog", torch.zeros(768), torch.zeros(768), torch.zeros(768),
-                          {n: torch.zeros(l.to_v.out_features) for n, l in layers.items()})
+        concept = Concept(
+            "<c>",
+            "dog",
+            torch.zeros(768),
+            torch.zeros(768),
+            torch.zeros(768),
+            {n: torch.zeros(layer.to_v.out_features) for n, layer in layers.items()},
+        )
         out["perfusion"] = concept.save(folder / "perfusion.safetensors").stat().st_size
         save_file({"<c>": half(1, 768)}, str(folder / "ti.safetensors"))
         out["textual-inversion"] = (folder / "ti.safetensors").stat().st_size
@@ -418,14 +520,18 @@ def machine(args) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="emoji-64", help="embedded model name or local diffusers folder")
-    parser.add_argument("--config", choices=("model", "sd15"), default="model", help="sd15: SD 1.5 shapes, random weights")
+    parser.add_argument(
+        "--config", choices=("model", "sd15"), default="model", help="sd15: SD 1.5 shapes, random weights"
+    )
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per image")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="training micro-batch")
-    parser.add_argument("--train_steps_measured", type=int, default=6, help="optimizer steps per method (median interval)")
+    parser.add_argument(
+        "--train_steps_measured", type=int, default=6, help="optimizer steps per method (median interval)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="training measurements per method")
     parser.add_argument("--skip", nargs="*", default=[], choices=("inference", "training", "sizes"))
     parser.add_argument("--output", type=Path, default=None)
@@ -436,11 +542,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    report = {"machine": machine(args), "model": "sd15 (random weights)" if args.config == "sd15" else args.model,
-              "resolution": args.resolution, "torch": torch.__version__}
+    report = {
+        "machine": machine(args),
+        "model": "sd15 (random weights)" if args.config == "sd15" else args.model,
+        "resolution": args.resolution,
+        "torch": torch.__version__,
+    }
     if "inference" not in args.skip:
         report["inference"] = inference(args)
-        print(json.dumps({k: report["inference"][k] for k in ("seconds_median", "ratio_vs_stock", "unet_step_seconds_min", "unet_step_ratio_vs_stock")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    k: report["inference"][k]
+                    for k in ("seconds_median", "ratio_vs_stock", "unet_step_seconds_min", "unet_step_ratio_vs_stock")
+                }
+            ),
+            flush=True,
+        )
     if "training" not in args.skip:
         report["training"] = training(args)
         print(json.dumps(report["training"], indent=1), flush=True)

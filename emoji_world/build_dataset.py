@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import STYLES, SPLITS_PATH, build_catalog, check_sources, load_splits, write_splits
+from .catalog import SPLITS_PATH, STYLES, build_catalog, check_sources, load_splits, write_splits
 from .render import render, to_array
 
 SPRITE_SIZE = 64
@@ -57,8 +57,14 @@ def build(output: Path, write_new_splits: bool = False, size: int = SPRITE_SIZE)
         arrays.append(array)
     output.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(output / "sprites.npz", sprites=np.stack(arrays))  # (N, 64, 64, 4)
-    meta = {"format": "emoji-world-sprites", "version": 1, "size": size, "styles": list(STYLES),
-            "entries": entries, "splits": {k: splits[k] for k in ("demo", "benchmark")}}
+    meta = {
+        "format": "emoji-world-sprites",
+        "version": 1,
+        "size": size,
+        "styles": list(STYLES),
+        "entries": entries,
+        "splits": {k: splits[k] for k in ("demo", "benchmark")},
+    }
     (output / "sprites.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -68,7 +74,8 @@ def load_sprites(folder: Path, split: str | None = "train") -> tuple[np.ndarray,
     folder = Path(folder)
     if not (folder / "sprites.npz").exists():
         raise FileNotFoundError(
-            f"no sprites in {folder}; build them with: python -m emoji_world.build_dataset --output {folder}")
+            f"no sprites in {folder}; build them with: python -m emoji_world.build_dataset --output {folder}"
+        )
     sprites = np.load(folder / "sprites.npz")["sprites"]
     entries = json.loads((folder / "sprites.json").read_text())["entries"]
     keep = [i for i, e in enumerate(entries) if split is None or e["split"] == split]

@@ -15,25 +15,41 @@ RUNS_DIR = Path("runs/emoji-64")
 TOKENIZER_MAX_LENGTH = 32
 
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4,
-    norm_num_groups=32, sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=64,
 )
 
 UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
     # No attention at 16×16 (it dominated CPU step time); cross-attention at 8×8, 4×4 and mid.
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 96, 160), layers_per_block=1, cross_attention_dim=384,
-    attention_head_dim=8, norm_num_groups=16,
+    block_out_channels=(32, 96, 160),
+    layers_per_block=1,
+    cross_attention_dim=384,
+    attention_head_dim=8,
+    norm_num_groups=16,
 )
 
 # Stable Diffusion 1.x noise schedule.
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                        beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
-                        prediction_type="epsilon")
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
 # The shipped sampler: DDIM on the same schedule.
 DDIM_CONFIG = dict(SCHEDULER_CONFIG, set_alpha_to_one=False)
 
@@ -69,8 +85,13 @@ class CaptionEncoder:
 
     @torch.no_grad()
     def _encode(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids  # (B, 32)
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids  # (B, 32)
         return self.encoder(ids)[0]  # (B, 32, 384)
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
@@ -83,8 +104,15 @@ class CaptionEncoder:
         return torch.stack(rows)  # (B, 32, 384)
 
 
-def make_batch(sprites: list[np.ndarray], names: list[str], batch_size: int, seed: int, step: int,
-               p_drop_caption: float = 0.1, p_pair: float = 0.15) -> tuple[torch.Tensor, list[str]]:
+def make_batch(
+    sprites: list[np.ndarray],
+    names: list[str],
+    batch_size: int,
+    seed: int,
+    step: int,
+    p_drop_caption: float = 0.1,
+    p_pair: float = 0.15,
+) -> tuple[torch.Tensor, list[str]]:
     """A batch of fresh compositions: images (B, 3, 64, 64) in [-1, 1] and captions ('' dropped)."""
     rng = np.random.default_rng([seed, step])
     images, captions = [], []

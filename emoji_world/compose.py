@@ -70,8 +70,7 @@ def article(name: str) -> str:
     return "an" if name[:1] in "aeiou" else "a"
 
 
-def make_caption(names: list[str], colour: str | None = None, size_word: str = "",
-                 placement: str = "") -> str:
+def make_caption(names: list[str], colour: str | None = None, size_word: str = "", placement: str = "") -> str:
     """Caption text: 'a small fox face in the top left corner on a blue background', 'a X and a Y'."""
     if not names:
         raise ValueError("make_caption needs at least one name")
@@ -90,8 +89,9 @@ def _uniform_int(rng: np.random.Generator, lo: int, hi: int) -> int:
     return int(rng.integers(lo, hi + 1))
 
 
-def sample_layout(rng: np.random.Generator, indices: list[int], p_pair_ok: bool = True,
-                  p_mention_colour: float = 0.8) -> Layout:
+def sample_layout(
+    rng: np.random.Generator, indices: list[int], p_pair_ok: bool = True, p_mention_colour: float = 0.8
+) -> Layout:
     """Sample background colour, sizes, placement and flips for one or two sprites."""
     colour = str(rng.choice(list(COLOURS)))
     mention = bool(rng.random() < p_mention_colour)
@@ -115,22 +115,35 @@ def sample_layout(rng: np.random.Generator, indices: list[int], p_pair_ok: bool 
     if size_word == "small":
         placement = str(rng.choice(list(PLACEMENTS)))
         fx, fy = PLACEMENTS[placement]
-        jitter = lambda f: int(round(f * slack)) + (_uniform_int(rng, 0, 3) if f == 0 else -_uniform_int(rng, 0, 3) if f == 1 else _uniform_int(rng, -3, 3))
+
+        def jitter(f):
+            return int(round(f * slack)) + (
+                _uniform_int(rng, 0, 3) if f == 0 else -_uniform_int(rng, 0, 3) if f == 1 else _uniform_int(rng, -3, 3)
+            )
+
         x, y = jitter(fx), jitter(fy)
     else:
         placement = ""
         x = slack // 2 + _uniform_int(rng, -min(4, slack // 2), min(4, slack // 2))
         y = slack // 2 + _uniform_int(rng, -min(4, slack // 2), min(4, slack // 2))
     x, y = min(max(x, 0), slack) + MARGIN, min(max(y, 0), slack) + MARGIN
-    return Layout(colour, (Placed(indices[0], size, x, y, bool(rng.random() < 0.5)),),
-                  size_word=size_word, placement=placement, mention_colour=mention)
+    return Layout(
+        colour,
+        (Placed(indices[0], size, x, y, bool(rng.random() < 0.5)),),
+        size_word=size_word,
+        placement=placement,
+        mention_colour=mention,
+    )
 
 
 def layout_caption(layout: Layout, names: list[str]) -> str:
     """Caption of a layout; ``names[i]`` is the caption name of sprite index i."""
-    return make_caption([names[p.index] for p in layout.objects],
-                        layout.colour if layout.mention_colour else None,
-                        layout.size_word, layout.placement)
+    return make_caption(
+        [names[p.index] for p in layout.objects],
+        layout.colour if layout.mention_colour else None,
+        layout.size_word,
+        layout.placement,
+    )
 
 
 def paste_sprite(canvas: np.ndarray, sprite: np.ndarray, placed: Placed) -> None:
@@ -141,7 +154,7 @@ def paste_sprite(canvas: np.ndarray, sprite: np.ndarray, placed: Placed) -> None
     image = image.resize((placed.size, placed.size), Image.BILINEAR)
     rgba = np.asarray(image, dtype=np.float32) / 255.0  # (s, s, 4)
     alpha = rgba[..., 3:4]
-    region = canvas[placed.y:placed.y + placed.size, placed.x:placed.x + placed.size]
+    region = canvas[placed.y : placed.y + placed.size, placed.x : placed.x + placed.size]
     region[...] = region * (1.0 - alpha) + rgba[..., :3] * alpha
 
 
@@ -154,8 +167,9 @@ def render_layout(layout: Layout, sprites: list[np.ndarray]) -> np.ndarray:
     return np.clip(canvas * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def compose(sprites: list[np.ndarray], names: list[str], rng: np.random.Generator,
-            p_pair: float = 0.2) -> tuple[np.ndarray, str, Layout]:
+def compose(
+    sprites: list[np.ndarray], names: list[str], rng: np.random.Generator, p_pair: float = 0.2
+) -> tuple[np.ndarray, str, Layout]:
     """One random composition of one (or, with probability ``p_pair``, two) of ``sprites``."""
     if len(sprites) != len(names) or not sprites:
         raise ValueError(f"need as many names as sprites, got {len(sprites)} and {len(names)}")

@@ -21,24 +21,32 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dataclasses import replace
-
 from .compose import COLOURS, Layout, make_caption, render_layout, sample_layout
 
 GRID_PROMPTS = [
-    "a fox face", "a red apple on a white background", "a bear face on a blue background",
-    "a strawberry on a yellow background", "a police car on a green background", "an owl on a pink background",
+    "a fox face",
+    "a red apple on a white background",
+    "a bear face on a blue background",
+    "a strawberry on a yellow background",
+    "a police car on a green background",
+    "an owl on a pink background",
     "a small cactus in the top left corner on a white background",
     "a small banana in the bottom right corner on a blue background",
-    "a large tiger face on a black background", "a rocket on a purple background",
-    "a cat and a hamburger on a white background", "a penguin and a pineapple on an orange background",
-    "a bear", "a flower on a gray background", "a car on a red background", "a dog on a yellow background",
+    "a large tiger face on a black background",
+    "a rocket on a purple background",
+    "a cat and a hamburger on a white background",
+    "a penguin and a pineapple on an orange background",
+    "a bear",
+    "a flower on a gray background",
+    "a car on a red background",
+    "a dog on a yellow background",
 ]
 
 
@@ -49,8 +57,10 @@ def border_colour(image: np.ndarray, skip: int = 1, width: int = 4) -> np.ndarra
     large sprites never reach 5 pixels from the edge, so the ring is background in training data.
     """
     h, w = image.shape[:2]
-    depth = np.minimum.reduce(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-                              + np.meshgrid(np.arange(h)[::-1], np.arange(w)[::-1], indexing="ij"))  # (H, W)
+    depth = np.minimum.reduce(
+        np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        + np.meshgrid(np.arange(h)[::-1], np.arange(w)[::-1], indexing="ij")
+    )  # (H, W)
     ring = image[(depth >= skip) & (depth < skip + width)]  # (P, 3)
     return np.median(ring.astype(np.float32), axis=0)
 
@@ -68,11 +78,12 @@ def embed(image: np.ndarray, size: int = 16, threshold: float = 40.0) -> np.ndar
     if mask.sum() < 4:
         mask[:] = True
     ys, xs = np.nonzero(mask)
-    crop = image[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32)
-    cmask = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1, None]
+    crop = image[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
+    cmask = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1, None]
     crop = np.where(cmask, crop, 128.0)
-    vec = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize((size, size), Image.BILINEAR),
-                     dtype=np.float32).reshape(-1)  # (size*size*3,)
+    vec = np.asarray(
+        Image.fromarray(crop.astype(np.uint8)).resize((size, size), Image.BILINEAR), dtype=np.float32
+    ).reshape(-1)  # (size*size*3,)
     vec -= vec.mean()
     return vec / (np.linalg.norm(vec) + 1e-8)
 
@@ -80,7 +91,7 @@ def embed(image: np.ndarray, size: int = 16, threshold: float = 40.0) -> np.ndar
 def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, batch: int = 16) -> list[np.ndarray]:
     images = []
     for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
+        chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np").images
         images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
@@ -97,8 +108,12 @@ def colour_accuracy(pipe, names: list[str], n: int, seed: int, steps: int, guida
     images = generate(pipe, prompts, seed, steps, guidance)
     found = [nearest_colour(border_colour(im)) for im in images]
     per = {c: float(np.mean([f == c for f, t in zip(found, targets) if t == c])) for c in COLOURS}
-    return {"accuracy": float(np.mean([f == t for f, t in zip(found, targets)])), "per_colour": per,
-            "samples_per_colour": n, "confusions": [[t, f] for f, t in zip(found, targets) if f != t]}
+    return {
+        "accuracy": float(np.mean([f == t for f, t in zip(found, targets)])),
+        "per_colour": per,
+        "samples_per_colour": n,
+        "confusions": [[t, f] for f, t in zip(found, targets) if f != t],
+    }
 
 
 def identity_retrieval(pipe, data: Path, k: int, seed: int, steps: int, guidance: float) -> dict:
@@ -112,7 +127,7 @@ def identity_retrieval(pipe, data: Path, k: int, seed: int, steps: int, guidance
         slot = 0 if entry["style"] == "noto" else 1
         view = _centre_on_white(sprite)
         ref[index[entry["name"]], slot] = embed(view)
-    for i, name in enumerate(gallery_names):  # a concept with one style: copy it
+    for i, _name in enumerate(gallery_names):  # a concept with one style: copy it
         if not ref[i, 1].any():
             ref[i, 1] = ref[i, 0]
     rng = np.random.default_rng(seed + 1)
@@ -130,10 +145,17 @@ def identity_retrieval(pipe, data: Path, k: int, seed: int, steps: int, guidance
         layout = Layout("white", tuple(replace(p, index=0) for p in layout.objects))
         real.append(render_layout(layout, [options[int(rng.integers(len(options)))]]))
     real_ranks = _ranks(ref, index, chosen, real)
-    return {"top1": float((ranks < 1).mean()), "top5": float((ranks < 5).mean()),
-            "real_top1": float((real_ranks < 1).mean()), "real_top5": float((real_ranks < 5).mean()), "prompts": k,
-            "gallery": len(gallery_names), "chance_top1": 1 / len(gallery_names),
-            "chance_top5": 5 / len(gallery_names), "median_rank": float(np.median(ranks))}
+    return {
+        "top1": float((ranks < 1).mean()),
+        "top5": float((ranks < 5).mean()),
+        "real_top1": float((real_ranks < 1).mean()),
+        "real_top5": float((real_ranks < 5).mean()),
+        "prompts": k,
+        "gallery": len(gallery_names),
+        "chance_top1": 1 / len(gallery_names),
+        "chance_top5": 5 / len(gallery_names),
+        "median_rank": float(np.median(ranks)),
+    }
 
 
 def _ranks(ref: np.ndarray, index: dict, names: list[str], images: list[np.ndarray]) -> np.ndarray:
@@ -166,7 +188,7 @@ def sample_grid(pipe, path: Path, seed: int, steps: int, guidance: float) -> Non
         ax.imshow(image, interpolation="nearest")
         ax.set_title("\n".join(_wrap(prompt, 30)), fontsize=7)
         ax.axis("off")
-    for ax in list(axes.flat)[len(images):]:
+    for ax in list(axes.flat)[len(images) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -199,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from keylocked.models import load_pipeline
+
     from .catalog import load_splits
 
     start = time.time()
@@ -213,10 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     report["seconds"] = round(time.time() - start, 1)
     (args.output / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     c, i = report["colour"], report["identity"]
-    print(f"background colour accuracy {c['accuracy']:.2f} ({c['samples_per_colour']} per colour); "
-          f"identity top-1 {i['top1']:.2f} top-5 {i['top5']:.2f} over {i['gallery']} concepts "
-          f"(real renders {i['real_top1']:.2f}/{i['real_top5']:.2f}, chance {i['chance_top1']:.3f}/{i['chance_top5']:.3f}); grid {args.output / 'samples.png'}; "
-          f"{report['seconds']} s")
+    print(
+        f"background colour accuracy {c['accuracy']:.2f} ({c['samples_per_colour']} per colour); "
+        f"identity top-1 {i['top1']:.2f} top-5 {i['top5']:.2f} over {i['gallery']} concepts "
+        f"(real renders {i['real_top1']:.2f}/{i['real_top5']:.2f}, chance {i['chance_top1']:.3f}/{i['chance_top5']:.3f}); grid {args.output / 'samples.png'}; "
+        f"{report['seconds']} s"
+    )
 
 
 if __name__ == "__main__":

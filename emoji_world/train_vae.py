@@ -48,8 +48,9 @@ class VaeTrainConfig:
         if self.decoder_only and not self.init:
             raise ValueError("--decoder_only needs --init <trained VAE folder> (the frozen encoder)")
         if self.batch_size < 1 or self.lr <= 0 or self.max_minutes <= 0:
-            raise ValueError(f"bad VAE training config: batch_size={self.batch_size}, lr={self.lr}, "
-                             f"max_minutes={self.max_minutes}")
+            raise ValueError(
+                f"bad VAE training config: batch_size={self.batch_size}, lr={self.lr}, max_minutes={self.max_minutes}"
+            )
 
 
 @torch.no_grad()
@@ -85,9 +86,18 @@ def train(cfg: VaeTrainConfig) -> Path:
         print(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)")
 
     def checkpoint():
-        save_checkpoint(ckpt_path, {"format": "emoji-64-vae-train", "version": 1, "model": vae.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
-                                    "config": VAE_CONFIG})
+        save_checkpoint(
+            ckpt_path,
+            {
+                "format": "emoji-64-vae-train",
+                "version": 1,
+                "model": vae.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "config": VAE_CONFIG,
+            },
+        )
 
     vae.train()
     start, last_ckpt, smooth = time.time() - elapsed, time.time(), None
@@ -98,7 +108,7 @@ def train(cfg: VaeTrainConfig) -> Path:
         if cfg.crop < pixels.shape[-1]:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             y, x = torch.randint(0, pixels.shape[-1] - cfg.crop + 1, (2,), generator=gen).tolist()
-            pixels = pixels[:, :, y:y + cfg.crop, x:x + cfg.crop]
+            pixels = pixels[:, :, y : y + cfg.crop, x : x + cfg.crop]
         pixels = pixels.to(device)  # (B, 3, crop, crop)
         # encode, sample, decode
         with torch.set_grad_enabled(not cfg.decoder_only):
@@ -118,7 +128,10 @@ def train(cfg: VaeTrainConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{smooth:.4f}", min=f"{elapsed / 60:.1f}", refresh=False)
         if step % 100 == 0:
-            print(f"step {step} loss {smooth:.4f} elapsed {elapsed / 60:.1f} min ({elapsed / step:.2f} s/step)", flush=True)
+            print(
+                f"step {step} loss {smooth:.4f} elapsed {elapsed / 60:.1f} min ({elapsed / step:.2f} s/step)",
+                flush=True,
+            )
         if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.time()

@@ -4,7 +4,7 @@ encodes prompts, its tokens, and a fingerprint that ties concept files to it."""
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn

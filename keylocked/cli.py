@@ -17,8 +17,9 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import __version__
 from .base_model import KeylockedError
@@ -41,11 +42,21 @@ TRAIN_HELP = {
     "inference_tau": "recommended inference tau written into the concept file",
 }
 GENERATE_FLAGS: dict[str, dict[str, Any]] = {
-    "concepts": dict(flags=["--concept"], action="append", nargs=None, required=True, metavar="FILE",
-                     help="a concept file; repeat for several concepts"),
-    "beta": dict(nargs="+", type=float, metavar="BETA",
-                 help="gate bias: one value for all concepts or one per concept (default: each file's "
-                      "recommendation); lower = stronger concept, higher = closer to the prompt"),
+    "concepts": dict(
+        flags=["--concept"],
+        action="append",
+        nargs=None,
+        required=True,
+        metavar="FILE",
+        help="a concept file; repeat for several concepts",
+    ),
+    "beta": dict(
+        nargs="+",
+        type=float,
+        metavar="BETA",
+        help="gate bias: one value for all concepts or one per concept (default: each file's "
+        "recommendation); lower = stronger concept, higher = closer to the prompt",
+    ),
     "tau": dict(nargs="+", type=float, metavar="TAU", help="gate temperature: one value or one per concept"),
     "lock": dict(help="key locking: 'local' (default) or 'global' (use a lower beta)"),
     "covariance": dict(help=TRAIN_HELP["covariance"]),
@@ -65,7 +76,12 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, overrides: dict[str, dict[str, Any]] | None = None, help: dict[str, str] | None = None) -> None:
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    help: dict[str, str] | None = None,
+) -> None:
     """One ``--field_name`` flag per dataclass field (required when the field has no default)."""
     overrides, help = overrides or {}, help or {}
     hints = typing.get_type_hints(cls)
@@ -81,7 +97,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, override
         elif typing.get_origin(annotation) in (list, tuple) and typing.get_args(annotation)[0] in (int, float, str):
             kwargs.update(nargs="+", type=typing.get_args(annotation)[0])
         elif field.name not in overrides:
-            raise TypeError(f"{cls.__name__}.{field.name}: no command-line flag for type {annotation!r}; add an override")
+            raise TypeError(
+                f"{cls.__name__}.{field.name}: no command-line flag for type {annotation!r}; add an override"
+            )
         notes = [help[field.name]] if field.name in help else []
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             kwargs["required"] = True
@@ -160,20 +178,28 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keylocked", description="Perfusion (key-locked rank-one editing) for diffusers pipelines.")
+    parser = argparse.ArgumentParser(
+        prog="keylocked", description="Perfusion (key-locked rank-one editing) for diffusers pipelines."
+    )
     parser.add_argument("--version", action="version", version=f"keylocked {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     covariance = verbs.add_parser("covariance", help="estimate a text encoder's input covariance C⁻¹ and save it")
     covariance.add_argument("--pretrained_model_name_or_path", required=True)
-    covariance.add_argument("--captions", help="text file, one caption per line (default: prompts built from the tokenizer's vocabulary)")
+    covariance.add_argument(
+        "--captions", help="text file, one caption per line (default: prompts built from the tokenizer's vocabulary)"
+    )
     covariance.add_argument("--output", required=True, help="covariance file to write (.safetensors)")
     covariance.set_defaults(handler=_covariance)
 
     train = verbs.add_parser("train", help="train one concept")
     add_dataclass_arguments(train, TrainConfig, help=TRAIN_HELP)
-    train.add_argument("--method", default="perfusion", choices=TRAIN_METHODS,
-                       help="perfusion (default) or a baseline in the same data pipeline (keylocked.training.baselines)")
+    train.add_argument(
+        "--method",
+        default="perfusion",
+        choices=TRAIN_METHODS,
+        help="perfusion (default) or a baseline in the same data pipeline (keylocked.training.baselines)",
+    )
     train.set_defaults(handler=_train)
 
     generate = verbs.add_parser("generate", help="generate images with one or more concepts")

@@ -97,7 +97,7 @@ class Concept:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Concept":
+    def load(cls, path: str | os.PathLike) -> Concept:
         path = Path(path)
         metadata = read_metadata(path)
         try:
@@ -105,9 +105,11 @@ class Concept:
         except (SafetensorError, OSError) as error:
             raise KeylockedError(f"{path}: cannot read tensors ({error})") from error
         missing = {"token_embedding", "concept_input", "superclass_input"} - tensors.keys()
-        value_targets = {k[len(VALUE_PREFIX):]: t.float() for k, t in tensors.items() if k.startswith(VALUE_PREFIX)}
+        value_targets = {k[len(VALUE_PREFIX) :]: t.float() for k, t in tensors.items() if k.startswith(VALUE_PREFIX)}
         if missing or not value_targets:
-            raise KeylockedError(f"{path}: not a complete keylocked concept (missing {sorted(missing) or 'value targets'})")
+            raise KeylockedError(
+                f"{path}: not a complete keylocked concept (missing {sorted(missing) or 'value targets'})"
+            )
         try:
             return cls(
                 placeholder_token=metadata["placeholder_token"],
@@ -135,5 +137,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise KeylockedError(f"{path}: not a keylocked concept file (format={metadata.get('format')!r})")
     version = int(metadata.get("format_version", "0"))
     if version > FORMAT_VERSION:
-        raise KeylockedError(f"{path}: format version {version} is newer than this keylocked ({FORMAT_VERSION}); upgrade keylocked")
+        raise KeylockedError(
+            f"{path}: format version {version} is newer than this keylocked ({FORMAT_VERSION}); upgrade keylocked"
+        )
     return metadata

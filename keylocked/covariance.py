@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -64,7 +64,7 @@ class Covariance:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Covariance":
+    def load(cls, path: str | os.PathLike) -> Covariance:
         metadata, dtypes = read_safetensors_header(path, "covariance file")
         if metadata.get("format") != FORMAT_NAME or "input_covariance_inv" not in dtypes:
             raise KeylockedError(f"{path}: not a keylocked covariance file (format={metadata.get('format')!r})")
@@ -74,7 +74,11 @@ class Covariance:
             raise KeylockedError(f"{path}: cannot read tensors ({error})") from error
         if inverse.dim() != 2 or inverse.shape[0] != inverse.shape[1]:
             raise KeylockedError(f"{path}: covariance inverse must be square, got {tuple(inverse.shape)}")
-        info = {k: v for k, v in metadata.items() if k not in ("format", "format_version", "text_encoder_fingerprint", "sha256")}
+        info = {
+            k: v
+            for k, v in metadata.items()
+            if k not in ("format", "format_version", "text_encoder_fingerprint", "sha256")
+        }
         return cls(inverse, metadata.get("text_encoder_fingerprint", ""), info)
 
 
@@ -218,7 +222,9 @@ def resolve_covariance(
     covariance = Covariance.load(path)
     dim = int(text_encoder.config.hidden_size)
     if covariance.inverse.shape[0] != dim:
-        raise KeylockedError(f"{path}: covariance is {covariance.inverse.shape[0]}-dimensional, the text encoder is {dim}")
+        raise KeylockedError(
+            f"{path}: covariance is {covariance.inverse.shape[0]}-dimensional, the text encoder is {dim}"
+        )
     fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
     if covariance.text_encoder_fingerprint and covariance.text_encoder_fingerprint != fingerprint:
         raise KeylockedError(f"{path}: covariance was estimated for another text encoder")

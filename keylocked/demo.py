@@ -42,7 +42,12 @@ class DemoConfig:
     gradient_accumulation_steps: int = 1
     learning_rate_embedding: float = 0.006
     learning_rate_values: float = 0.03
-    betas: tuple[float, ...] = (0.5, 0.7, 0.9, 1.1)  # wide: the concept token scores s ≈ 1, so the gate closes near β ≈ 1
+    betas: tuple[float, ...] = (
+        0.5,
+        0.7,
+        0.9,
+        1.1,
+    )  # wide: the concept token scores s ≈ 1, so the gate closes near β ≈ 1
     beta: float = 0.7
     tau: float = 0.15
     colours: tuple[str, ...] = DEMO_COLOURS
@@ -73,7 +78,9 @@ def foreground_similarity(image: Image.Image, references: list[Image.Image], siz
     def vector(picture: Image.Image) -> np.ndarray:
         width, height = picture.size
         box = (width // 4, height // 4, 3 * width // 4, 3 * height // 4)
-        array = np.asarray(picture.convert("RGB").crop(box).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+        array = np.asarray(
+            picture.convert("RGB").crop(box).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
+        )
         flat = array.reshape(-1) - array.mean()
         return flat / (np.linalg.norm(flat) + 1e-8)
 
@@ -83,7 +90,12 @@ def foreground_similarity(image: Image.Image, references: list[Image.Image], siz
 
 def _generate(pipe, prompts: list[str], config: DemoConfig) -> list[Image.Image]:
     generator = torch.Generator().manual_seed(config.seed)
-    return pipe(prompts, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale, generator=generator).images
+    return pipe(
+        prompts,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        generator=generator,
+    ).images
 
 
 def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
@@ -136,7 +148,14 @@ def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
     token = config.placeholder_token
     rows: list[tuple[str, str]] = [("alone", "a {}")]
     rows += [(colour, f"a {{}} on a {colour} background") for colour in config.colours]
-    rows += [(f"+ {config.other_object}", f"a {{}} and an {config.other_object}" if config.other_object[0] in "aeiou" else f"a {{}} and a {config.other_object}")]
+    rows += [
+        (
+            f"+ {config.other_object}",
+            f"a {{}} and an {config.other_object}"
+            if config.other_object[0] in "aeiou"
+            else f"a {{}} and a {config.other_object}",
+        )
+    ]
     concept_prompts = [template.format(token) for _, template in rows]
     baseline_prompts = [template.format(superclass) for _, template in rows]
     started = time.perf_counter()
@@ -173,20 +192,33 @@ def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
         "concept_bytes": concept_path.stat().st_size,
         "background_colour_correct_with_concept": f"{colour_hits(concept_images)}/{len(colour_rows)}",
         "background_colour_correct_superclass": f"{colour_hits(baseline_images)}/{len(colour_rows)}",
-        "identity_similarity_with_concept": round(float(np.mean([foreground_similarity(im, references) for im in concept_images])), 3),
-        "identity_similarity_superclass": round(float(np.mean([foreground_similarity(im, references) for im in baseline_images])), 3),
+        "identity_similarity_with_concept": round(
+            float(np.mean([foreground_similarity(im, references) for im in concept_images])), 3
+        ),
+        "identity_similarity_superclass": round(
+            float(np.mean([foreground_similarity(im, references) for im in baseline_images])), 3
+        ),
         "beta_sweep_identity_similarity": {
             str(beta): round(foreground_similarity(im, references), 3) for beta, im in zip(config.betas, sweep_images)
         },
         "threads": torch.get_num_threads(),
     }
     grid = image_grid(
-        concept_images + baseline_images, columns=len(rows), row_labels=[token, superclass],
-        column_labels=[label for label, _ in rows], scale=2,
+        concept_images + baseline_images,
+        columns=len(rows),
+        row_labels=[token, superclass],
+        column_labels=[label for label, _ in rows],
+        scale=2,
     )
-    sweep = image_grid(sweep_images, columns=len(sweep_images), column_labels=[f"beta {b}" for b in config.betas], scale=2)
+    sweep = image_grid(
+        sweep_images, columns=len(sweep_images), column_labels=[f"beta {b}" for b in config.betas], scale=2
+    )
     views = image_grid(references, columns=len(references), scale=2)
-    grid_path, sweep_path, views_path = output_dir / "grid.png", output_dir / "beta_sweep.png", output_dir / "training_views.png"
+    grid_path, sweep_path, views_path = (
+        output_dir / "grid.png",
+        output_dir / "beta_sweep.png",
+        output_dir / "training_views.png",
+    )
     for picture, path in ((grid, grid_path), (sweep, sweep_path), (views, views_path)):
         with atomic_path(path) as tmp:
             picture.save(tmp, format="PNG")
@@ -230,4 +262,3 @@ Identity similarity: the maximum cosine, over the training views, between mean-c
 16×16 downsamples of the central half of each image. Crude (pixels, not semantics); the
 evaluator of `keylocked evaluate` is the measured one.
 """
-

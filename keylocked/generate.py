@@ -146,7 +146,9 @@ def _warn_if_no_concept_in(prompt: str, tokenizer, tokens: list[str]) -> None:
         logger.warning(
             "the prompt %r contains none of the concept tokens %s (or they fall past the %d-token limit); "
             "the images will not show the concepts",
-            prompt, ", ".join(tokens), tokenizer.model_max_length,
+            prompt,
+            ", ".join(tokens),
+            tokenizer.model_max_length,
         )
 
 

@@ -123,9 +123,7 @@ class KeyLockedLinear(WrappedLinear):
         """o* for the named concepts, (n, out)."""
         if self.role == "value":
             return torch.stack([self.value_targets[name] for name in names])
-        superclass_inputs = torch.stack(
-            [self.context.concepts[name].superclass_input for name in names]
-        )  # (n, d)
+        superclass_inputs = torch.stack([self.context.concepts[name].superclass_input for name in names])  # (n, d)
         weight = self.base_layer.weight
         return F.linear(superclass_inputs.to(weight.device, weight.dtype), weight)  # (n, out)
 

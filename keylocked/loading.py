@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,11 @@ def uninstall_keylocked_layers(unet: nn.Module) -> None:
 
 def value_layers(unet: nn.Module) -> dict[str, KeyLockedLinear]:
     """Layer path -> the wrapped ``to_v`` of each cross-attention layer."""
-    return {name: layer.to_v for name, layer in cross_attention_layers(unet).items() if isinstance(layer.to_v, KeyLockedLinear)}
+    return {
+        name: layer.to_v
+        for name, layer in cross_attention_layers(unet).items()
+        if isinstance(layer.to_v, KeyLockedLinear)
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,7 +162,9 @@ def load_concepts(
         raise KeylockedError("no concepts given")
     installation = _installation(pipe)
     tokens = [c.placeholder_token for c in loaded]
-    duplicates = {t for t in tokens if tokens.count(t) > 1} | (set(tokens) & set(installation.concepts if installation else ()))
+    duplicates = {t for t in tokens if tokens.count(t) > 1} | (
+        set(tokens) & set(installation.concepts if installation else ())
+    )
     if duplicates:
         raise KeylockedError(f"concept token(s) {sorted(duplicates)} loaded twice")
     for token in tokens:
@@ -180,7 +186,9 @@ def load_concepts(
         if concept.covariance_sha256 and concept.covariance_sha256 != resolved.sha256:
             logger.warning(
                 "%s was trained with another covariance (sha256 %s…, now %s…); its gate may fire differently",
-                concept.placeholder_token, concept.covariance_sha256[:12], resolved.sha256[:12],
+                concept.placeholder_token,
+                concept.covariance_sha256[:12],
+                resolved.sha256[:12],
             )
     # -- then mutate -----------------------------------------------------------------------
     if installation is None:
@@ -188,7 +196,9 @@ def load_concepts(
         context = install_keylocked_layers(pipe.unet, resolved.inverse)
         installation = _Installation(context=context, covariance=resolved, snapshot=snapshot)
         pipe.unet._keylocked_installation = installation
-        installation.hook = pipe.text_encoder.register_forward_hook(_global_lock_hook(pipe, installation), with_kwargs=True)
+        installation.hook = pipe.text_encoder.register_forward_hook(
+            _global_lock_hook(pipe, installation), with_kwargs=True
+        )
     token_ids = add_tokens(pipe.tokenizer, pipe.text_encoder, {c.placeholder_token: c.token_embedding for c in loaded})
     installation.token_ids.update(token_ids)
     installation.superclass_ids.update(superclass_ids)
@@ -206,14 +216,18 @@ def load_concepts(
             temperature=_per_concept(tau, token, concept.temperature),
         )
         for name, layer in layers.items():
-            layer.value_targets[token] = nn.Parameter(concept.value_targets[name].to(device, dtype), requires_grad=False)
+            layer.value_targets[token] = nn.Parameter(
+                concept.value_targets[name].to(device, dtype), requires_grad=False
+            )
         context.active.add(token)
     context.lock = lock
     context.touch()
     return tokens
 
 
-def set_concept_options(pipe, beta: PerConcept = None, tau: PerConcept = None, lock: Lock | None = None, active: Iterable[str] | None = None) -> None:
+def set_concept_options(
+    pipe, beta: PerConcept = None, tau: PerConcept = None, lock: Lock | None = None, active: Iterable[str] | None = None
+) -> None:
     """Change β, τ, the lock mode or the active set of loaded concepts, without reloading."""
     installation = _installation(pipe)
     if installation is None:

@@ -21,7 +21,7 @@ With a single concept and the gate replaced by s(e), this is the ROME closed for
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -55,9 +55,7 @@ def concept_gram(concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor
     return i_star @ input_covariance_inv.to(dtype) @ i_star.T  # (n, n)
 
 
-def remove_concept_directions(
-    encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor
-) -> Tensor:
+def remove_concept_directions(encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor:
     """e⊥ = e − I a, with a = G⁻¹ Iᵀ C⁻¹ e the exact C⁻¹-orthogonal projection onto span{i*}.
 
     For one concept this is e − s(e)·i*. The small Gram system keeps the multi-concept case
@@ -95,9 +93,7 @@ def keylocked_projection(
     Shapes: encodings (..., d), concept_inputs (n, d), output_targets (n, out) -> (..., out).
     """
     residual = remove_concept_directions(encodings, concept_inputs, input_covariance_inv)  # (..., d)
-    gates = concept_gate(
-        concept_scores(encodings, concept_inputs, input_covariance_inv), beta, temperature
-    )  # (..., n)
+    gates = concept_gate(concept_scores(encodings, concept_inputs, input_covariance_inv), beta, temperature)  # (..., n)
     base = projection(residual)  # (..., out)
     return base + (gates.to(output_targets.dtype) @ output_targets).to(base.dtype)  # (..., out)
 
@@ -110,9 +106,7 @@ def rank_one_edit_weight(
     weight (out, d), concept_input (d,), output_target (out,) -> (out, d).
     """
     metric_input = input_covariance_inv @ concept_input  # (d,)
-    return weight + torch.outer(output_target - weight @ concept_input, metric_input) / (
-        concept_input @ metric_input
-    )
+    return weight + torch.outer(output_target - weight @ concept_input, metric_input) / (concept_input @ metric_input)
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,9 +159,7 @@ def invert_covariance(
     if not eigenvalues[0] > 0 or condition > max_condition:
         added_ridge = ridge
         mean_eigenvalue = eigenvalues.mean()
-        covariance = covariance + ridge * mean_eigenvalue * torch.eye(
-            covariance.shape[0], dtype=torch.float64
-        )
+        covariance = covariance + ridge * mean_eigenvalue * torch.eye(covariance.shape[0], dtype=torch.float64)
         eigenvalues = eigenvalues + ridge * mean_eigenvalue
         condition = float(eigenvalues[-1] / eigenvalues[0])
     # contiguous: linalg.inv returns column-major memory, and matmul results depend on layout

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_tiny_pipeline, write_instance_images
 from safetensors.torch import load_file
+from test_keylocking import config, generate
 
 from keylocked.base_model import KeylockedError, cross_attention_layers
 from keylocked.training.baselines import (
@@ -23,9 +25,6 @@ from keylocked.training.baselines import (
     unload_personalizations,
 )
 
-from conftest import build_tiny_pipeline, write_instance_images
-from test_keylocking import config, generate
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -39,8 +38,17 @@ def trained(tmp_path_factory):
     for method in ("perfusion", "textual-inversion", "custom-diffusion", "lora"):
         paths[method] = train(config(instance, root / method), method=method, pipe=pipe)
         assert (generate(pipe, "a photo of a bear") == stock).all(), f"{method} training left the pipeline changed"
-    paths["cd-second"] = train(config(instance, root / "cd2", placeholder_token="<cup-thing>", superclass_token="cup"), method="custom-diffusion", pipe=pipe)
-    paths["lora-second"] = train(config(instance, root / "lora2", superclass_token="cup"), method="lora", pipe=pipe, options=BaselineOptions(identifier="zq"))
+    paths["cd-second"] = train(
+        config(instance, root / "cd2", placeholder_token="<cup-thing>", superclass_token="cup"),
+        method="custom-diffusion",
+        pipe=pipe,
+    )
+    paths["lora-second"] = train(
+        config(instance, root / "lora2", superclass_token="cup"),
+        method="lora",
+        pipe=pipe,
+        options=BaselineOptions(identifier="zq"),
+    )
     return pipe, stock, paths
 
 
@@ -105,11 +113,17 @@ def test_custom_diffusion_deltas_apply_and_unload(trained):
     layers = cross_attention_layers(pipe.unet)
     assert len([k for k in saved if k.startswith("deltas.")]) == 2 * len(layers)
     assert any(saved[k].abs().max() > 0 for k in saved if k.startswith("deltas."))  # it trained
-    load_personalizations(pipe, [paths["custom-diffusion"].parent, paths["cd-second"].parent])  # trained apart, used together
+    load_personalizations(
+        pipe, [paths["custom-diffusion"].parent, paths["cd-second"].parent]
+    )  # trained apart, used together
     name, layer = next(iter(layers.items()))
     assert isinstance(layer.to_k, DeltaLinear)
     e = torch.randn(1, 3, layer.to_k.in_features)
-    weight = layer.to_k.base_layer.weight + saved[f"deltas.{name}.to_k"].float() + load_file(str(paths["cd-second"]))[f"deltas.{name}.to_k"].float()
+    weight = (
+        layer.to_k.base_layer.weight
+        + saved[f"deltas.{name}.to_k"].float()
+        + load_file(str(paths["cd-second"]))[f"deltas.{name}.to_k"].float()
+    )
     assert torch.allclose(layer.to_k(e), F.linear(e, weight), atol=1e-5)
     unload_personalizations(pipe)
     assert not any(isinstance(m, DeltaLinear) for m in pipe.unet.modules())
@@ -142,10 +156,30 @@ def test_cli_train_method_flag(tiny_model_dir, tmp_path, capsys):
     from keylocked.cli import main
 
     instance = write_instance_images(tmp_path / "instance")
-    code = main(["train", "--pretrained_model_name_or_path", str(tiny_model_dir), "--instance_data_dir", str(instance),
-                 "--placeholder_token", "<cli-thing>", "--superclass_token", "bear", "--output_dir", str(tmp_path / "out"),
-                 "--max_train_steps", "1", "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
-                 "--no-progress", "--method", "textual-inversion"])
+    code = main(
+        [
+            "train",
+            "--pretrained_model_name_or_path",
+            str(tiny_model_dir),
+            "--instance_data_dir",
+            str(instance),
+            "--placeholder_token",
+            "<cli-thing>",
+            "--superclass_token",
+            "bear",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_train_steps",
+            "1",
+            "--train_batch_size",
+            "1",
+            "--gradient_accumulation_steps",
+            "1",
+            "--no-progress",
+            "--method",
+            "textual-inversion",
+        ]
+    )
     assert code == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out" / TI_FILENAME)
     assert Personalization.from_path(tmp_path / "out").method == "textual-inversion"

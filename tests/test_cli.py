@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_pipeline, write_instance_images
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -17,8 +18,6 @@ from keylocked.cli import add_dataclass_arguments, dataclass_from_args, main
 from keylocked.concept import Concept
 from keylocked.covariance import Covariance
 from keylocked.training import TrainConfig
-
-from conftest import build_tiny_pipeline, write_instance_images
 
 IMAGE_SIZE = 16  # the tiny pipeline: 8x8 latents, VAE factor 2
 FAST_TRAIN = ["--train_batch_size", "1", "--gradient_accumulation_steps", "1", "--no-progress"]
@@ -58,7 +57,17 @@ def covariance_run(root, tiny_model_dir) -> tuple[Path, str]:
     captions = root / "captions.txt"
     captions.write_text("a photo of a bear\na cup on a table\n\nthe dog in the corner\na red cube\n")
     output = root / "cov.safetensors"
-    code = main(["covariance", "--pretrained_model_name_or_path", str(tiny_model_dir), "--captions", str(captions), "--output", str(output)])
+    code = main(
+        [
+            "covariance",
+            "--pretrained_model_name_or_path",
+            str(tiny_model_dir),
+            "--captions",
+            str(captions),
+            "--output",
+            str(output),
+        ]
+    )
     assert code == 0
     return output, captions
 
@@ -67,14 +76,36 @@ def covariance_run(root, tiny_model_dir) -> tuple[Path, str]:
 def concept_a(root, tiny_model_dir, covariance_run) -> Path:
     """<cube> ~ bear: 3 steps, checkpoints every 2, a validation image at step 2."""
     out = root / "out-a"
-    code = main([
-        "train", "--pretrained_model_name_or_path", str(tiny_model_dir),
-        "--instance_data_dir", str(write_instance_images(root / "images-a")),
-        "--placeholder_token", "<cube>", "--superclass_token", "bear", "--output_dir", str(out),
-        "--max_train_steps", "3", "--checkpointing_steps", "2", "--covariance", str(covariance_run[0]),
-        "--validation_prompt", "a photo of a <cube>", "--validation_steps", "2", "--num_validation_images", "1",
-        "--num_inference_steps", "2", *FAST_TRAIN,
-    ])
+    code = main(
+        [
+            "train",
+            "--pretrained_model_name_or_path",
+            str(tiny_model_dir),
+            "--instance_data_dir",
+            str(write_instance_images(root / "images-a")),
+            "--placeholder_token",
+            "<cube>",
+            "--superclass_token",
+            "bear",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "3",
+            "--checkpointing_steps",
+            "2",
+            "--covariance",
+            str(covariance_run[0]),
+            "--validation_prompt",
+            "a photo of a <cube>",
+            "--validation_steps",
+            "2",
+            "--num_validation_images",
+            "1",
+            "--num_inference_steps",
+            "2",
+            *FAST_TRAIN,
+        ]
+    )
     assert code == 0
     return out / "concept.safetensors"
 
@@ -83,15 +114,48 @@ def concept_a(root, tiny_model_dir, covariance_run) -> Path:
 def concept_b(root, tiny_model_dir, covariance_run) -> Path:
     """<mug> ~ cup, with non-default settings that must reach the file."""
     out = root / "out-b"
-    code = main([
-        "train", "--pretrained_model_name_or_path", str(tiny_model_dir),
-        "--instance_data_dir", str(write_instance_images(root / "images-b", count=2)),
-        "--placeholder_token", "<mug>", "--superclass_token", "cup", "--output_dir", str(out),
-        "--max_train_steps", "2", "--checkpointing_steps", "2", "--covariance", str(covariance_run[0]),
-        "--mask", "none", "--seed", "7", "--learning_rate_values", "0.05", "--train_beta", "0.7", "--train_tau", "0.2",
-        "--inference_beta", "0.65", "--inference_tau", "0.12", "--concept_dtype", "fp32", "--no-random_flip",
-        "--prompt_templates", "a photo of a {}", "a {} on a table", *FAST_TRAIN,
-    ])
+    code = main(
+        [
+            "train",
+            "--pretrained_model_name_or_path",
+            str(tiny_model_dir),
+            "--instance_data_dir",
+            str(write_instance_images(root / "images-b", count=2)),
+            "--placeholder_token",
+            "<mug>",
+            "--superclass_token",
+            "cup",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "2",
+            "--covariance",
+            str(covariance_run[0]),
+            "--mask",
+            "none",
+            "--seed",
+            "7",
+            "--learning_rate_values",
+            "0.05",
+            "--train_beta",
+            "0.7",
+            "--train_tau",
+            "0.2",
+            "--inference_beta",
+            "0.65",
+            "--inference_tau",
+            "0.12",
+            "--concept_dtype",
+            "fp32",
+            "--no-random_flip",
+            "--prompt_templates",
+            "a photo of a {}",
+            "a {} on a table",
+            *FAST_TRAIN,
+        ]
+    )
     assert code == 0
     return out / "concept.safetensors"
 
@@ -120,22 +184,50 @@ def test_train_flags_are_the_config_fields():
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, TrainConfig)
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= {action.dest for action in parser._actions}
-    args = parser.parse_args([
-        "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--placeholder_token", "<t>",
-        "--superclass_token", "bear", "--resolution", "32", "--no-random_flip", "--mixed_precision", "bf16",
-        "--checkpoints_total_limit", "2", "--prompt_templates", "a {}", "the {}",
-    ])
+    args = parser.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "m",
+            "--instance_data_dir",
+            "d",
+            "--placeholder_token",
+            "<t>",
+            "--superclass_token",
+            "bear",
+            "--resolution",
+            "32",
+            "--no-random_flip",
+            "--mixed_precision",
+            "bf16",
+            "--checkpoints_total_limit",
+            "2",
+            "--prompt_templates",
+            "a {}",
+            "the {}",
+        ]
+    )
     config = dataclass_from_args(TrainConfig, args)
     assert (config.resolution, config.random_flip, config.mixed_precision) == (32, False, "bf16")
     assert config.checkpoints_total_limit == 2 and config.prompt_templates == ("a {}", "the {}")
-    assert config.max_train_steps == TrainConfig("m", "d", "<t>", "bear").max_train_steps  # unset flags keep the defaults
+    assert (
+        config.max_train_steps == TrainConfig("m", "d", "<t>", "bear").max_train_steps
+    )  # unset flags keep the defaults
 
 
 def test_covariance_prints_and_saves(capsys, tiny_model_dir, root):
     captions = root / "captions-2.txt"
     captions.write_text("a photo of a bear\na cup on a table\n")
     output = root / "cov-2.safetensors"
-    code, out, _ = run(capsys, "covariance", "--pretrained_model_name_or_path", tiny_model_dir, "--captions", captions, "--output", output)
+    code, out, _ = run(
+        capsys,
+        "covariance",
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--captions",
+        captions,
+        "--output",
+        output,
+    )
     assert code == 0
     covariance = Covariance.load(output)
     printed = dict(line.split(None, 1) for line in out.strip().splitlines())
@@ -148,10 +240,14 @@ def test_covariance_prints_and_saves(capsys, tiny_model_dir, root):
 
 def test_train_writes_concept_checkpoints_and_validation(concept_a, covariance_run):
     out = concept_a.parent
-    assert files_under(out) == sorted([
-        "concept.safetensors", "validation/step-2.png", "validation/step-3.png",
-        *(f"checkpoint-{s}/{f}" for s in (2, 3) for f in files_under(out / "checkpoint-2")),
-    ])
+    assert files_under(out) == sorted(
+        [
+            "concept.safetensors",
+            "validation/step-2.png",
+            "validation/step-3.png",
+            *(f"checkpoint-{s}/{f}" for s in (2, 3) for f in files_under(out / "checkpoint-2")),
+        ]
+    )
     assert "concept.safetensors" in files_under(out / "checkpoint-2")
     concept = Concept.load(concept_a)
     assert (concept.placeholder_token, concept.superclass_token) == ("<cube>", "bear")
@@ -168,8 +264,14 @@ def test_train_flags_reach_the_concept(concept_b):
     concept = Concept.load(concept_b)
     assert (concept.train_beta, concept.train_temperature, concept.beta, concept.temperature) == (0.7, 0.2, 0.65, 0.12)
     assert concept.training | {"base_model": None} == {
-        "steps": 2, "effective_batch_size": 1, "learning_rate_embedding": 0.006, "learning_rate_values": 0.05,
-        "mask": "none", "seed": 7, "resolution": None, "base_model": None,
+        "steps": 2,
+        "effective_batch_size": 1,
+        "learning_rate_embedding": 0.006,
+        "learning_rate_values": 0.05,
+        "mask": "none",
+        "seed": 7,
+        "resolution": None,
+        "base_model": None,
     }
     from safetensors import safe_open
 
@@ -205,9 +307,25 @@ def test_inspect_covariance_json(capsys, covariance_run):
 
 def test_generate_one_concept(capsys, tiny_model_dir, concept_a, covariance_run, root):
     def generate(out, num_images, seed):
-        return run(capsys, "generate", "--pretrained_model_name_or_path", tiny_model_dir, "--concept", concept_a,
-                   "--prompt", "a photo of a <cube>", "--num_images", num_images, "--seed", seed, "--output_dir", out,
-                   "--covariance", covariance_run[0], *FAST_GENERATE)
+        return run(
+            capsys,
+            "generate",
+            "--pretrained_model_name_or_path",
+            tiny_model_dir,
+            "--concept",
+            concept_a,
+            "--prompt",
+            "a photo of a <cube>",
+            "--num_images",
+            num_images,
+            "--seed",
+            seed,
+            "--output_dir",
+            out,
+            "--covariance",
+            covariance_run[0],
+            *FAST_GENERATE,
+        )
 
     out = root / "gen-1"
     code, printed, err = generate(out, 3, 5)
@@ -227,12 +345,35 @@ def test_generate_one_concept(capsys, tiny_model_dir, concept_a, covariance_run,
         assert first.tobytes() == again.tobytes()
 
 
-def test_generate_two_concepts_per_concept_beta_global_lock(capsys, tiny_model_dir, concept_a, concept_b, covariance_run, root):
+def test_generate_two_concepts_per_concept_beta_global_lock(
+    capsys, tiny_model_dir, concept_a, concept_b, covariance_run, root
+):
     out = root / "gen-2"
     code, _, err = run(
-        capsys, "generate", "--pretrained_model_name_or_path", tiny_model_dir, "--concept", concept_a, "--concept", concept_b,
-        "--prompt", "a <cube> next to a <mug>", "--beta", "0.6", "0.8", "--tau", "0.15", "--lock", "global",
-        "--num_images", "2", "--output_dir", out, "--covariance", covariance_run[0], *FAST_GENERATE,
+        capsys,
+        "generate",
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--concept",
+        concept_a,
+        "--concept",
+        concept_b,
+        "--prompt",
+        "a <cube> next to a <mug>",
+        "--beta",
+        "0.6",
+        "0.8",
+        "--tau",
+        "0.15",
+        "--lock",
+        "global",
+        "--num_images",
+        "2",
+        "--output_dir",
+        out,
+        "--covariance",
+        covariance_run[0],
+        *FAST_GENERATE,
     )
     assert code == 0, err
     assert files_under(out) == ["grid.png", "seed-0.png", "seed-1.png"]
@@ -244,9 +385,21 @@ def test_generate_two_concepts_per_concept_beta_global_lock(capsys, tiny_model_d
 
 def test_generate_warns_when_prompt_has_no_concept_token(capsys, tiny_model_dir, concept_a, covariance_run, root):
     code, _, err = run(
-        capsys, "generate", "--pretrained_model_name_or_path", tiny_model_dir, "--concept", concept_a,
-        "--prompt", "a photo of a bear", "--num_images", "1", "--output_dir", root / "gen-warn",
-        "--covariance", covariance_run[0], *FAST_GENERATE,
+        capsys,
+        "generate",
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--concept",
+        concept_a,
+        "--prompt",
+        "a photo of a bear",
+        "--num_images",
+        "1",
+        "--output_dir",
+        root / "gen-warn",
+        "--covariance",
+        covariance_run[0],
+        *FAST_GENERATE,
     )
     assert code == 0
     assert "warning: " in err and "none of the concept tokens <cube>" in err
@@ -265,8 +418,18 @@ def corrupt_image_dir(root: Path) -> Path:
 TRAIN_ERRORS = {
     "missing instance dir": (lambda root: root / "no-such-folder", "<x1>", "bear", "instance data directory not found"),
     "corrupt image": (corrupt_image_dir, "<x2>", "bear", "broken.png: unreadable image"),
-    "multi-token super-category": (lambda root: write_instance_images(root / "img-h"), "<x3>", "hedgehog", "'hedgehog' is 2 tokens"),
-    "placeholder in vocabulary": (lambda root: write_instance_images(root / "img-v"), "bear", "dog", "'bear' already exists"),
+    "multi-token super-category": (
+        lambda root: write_instance_images(root / "img-h"),
+        "<x3>",
+        "hedgehog",
+        "'hedgehog' is 2 tokens",
+    ),
+    "placeholder in vocabulary": (
+        lambda root: write_instance_images(root / "img-v"),
+        "bear",
+        "dog",
+        "'bear' already exists",
+    ),
 }
 
 
@@ -275,24 +438,62 @@ def test_train_bad_inputs(capsys, tmp_path, tiny_model_dir, covariance_run, case
     make_images, token, superclass, message = TRAIN_ERRORS[case]
     out = tmp_path / "out"
     code, _, err = run(
-        capsys, "train", "--pretrained_model_name_or_path", tiny_model_dir, "--instance_data_dir", make_images(tmp_path),
-        "--placeholder_token", token, "--superclass_token", superclass, "--output_dir", out,
-        "--max_train_steps", "1", "--covariance", covariance_run[0], *FAST_TRAIN,
+        capsys,
+        "train",
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--instance_data_dir",
+        make_images(tmp_path),
+        "--placeholder_token",
+        token,
+        "--superclass_token",
+        superclass,
+        "--output_dir",
+        out,
+        "--max_train_steps",
+        "1",
+        "--covariance",
+        covariance_run[0],
+        *FAST_TRAIN,
     )
     assert_user_error(code, err, message)
     assert files_under(out) == []
 
 
 def test_train_config_error_quotes_value(capsys, tmp_path):
-    code, _, err = run(capsys, "train", "--pretrained_model_name_or_path", tmp_path, "--instance_data_dir", tmp_path,
-                       "--placeholder_token", "<x>", "--superclass_token", "bear", "--max_train_steps", "0")
+    code, _, err = run(
+        capsys,
+        "train",
+        "--pretrained_model_name_or_path",
+        tmp_path,
+        "--instance_data_dir",
+        tmp_path,
+        "--placeholder_token",
+        "<x>",
+        "--superclass_token",
+        "bear",
+        "--max_train_steps",
+        "0",
+    )
     assert_user_error(code, err, "max_train_steps must be positive, got 0")
 
 
 def test_generate_concept_from_other_base_model(capsys, other_model_dir, concept_a, root):
     out = root / "gen-other"
-    argv = ["generate", "--pretrained_model_name_or_path", other_model_dir, "--concept", concept_a,
-            "--prompt", "a <cube>", "--num_images", "1", "--output_dir", out, *FAST_GENERATE]
+    argv = [
+        "generate",
+        "--pretrained_model_name_or_path",
+        other_model_dir,
+        "--concept",
+        concept_a,
+        "--prompt",
+        "a <cube>",
+        "--num_images",
+        "1",
+        "--output_dir",
+        out,
+        *FAST_GENERATE,
+    ]
     code, _, err = run(capsys, *argv)
     assert_user_error(code, err, "trained on another base model", "--allow_other_base_model")
     assert files_under(out) == []
@@ -317,15 +518,40 @@ def bad_files(root: Path) -> dict[str, tuple[Path, str]]:
 def test_generate_bad_concept_file(capsys, tmp_path, tiny_model_dir, case):
     path, message = bad_files(tmp_path)[case]
     out = tmp_path / "gen"
-    code, _, err = run(capsys, "generate", "--pretrained_model_name_or_path", tiny_model_dir, "--concept", path,
-                       "--prompt", "a <x>", "--output_dir", out, *FAST_GENERATE)
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--pretrained_model_name_or_path",
+        tiny_model_dir,
+        "--concept",
+        path,
+        "--prompt",
+        "a <x>",
+        "--output_dir",
+        out,
+        *FAST_GENERATE,
+    )
     assert_user_error(code, err, message)
     assert files_under(out) == []
 
 
 def test_generate_beta_count_must_match_concepts(capsys, tmp_path, concept_a):
-    code, _, err = run(capsys, "generate", "--pretrained_model_name_or_path", tmp_path, "--concept", concept_a,
-                       "--prompt", "a <cube>", "--beta", "0.5", "0.6", "0.7", "--output_dir", tmp_path / "gen")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--pretrained_model_name_or_path",
+        tmp_path,
+        "--concept",
+        concept_a,
+        "--prompt",
+        "a <cube>",
+        "--beta",
+        "0.5",
+        "0.6",
+        "0.7",
+        "--output_dir",
+        tmp_path / "gen",
+    )
     assert_user_error(code, err, "beta has 3 values [0.5, 0.6, 0.7] for 1 concept(s)")
     assert files_under(tmp_path / "gen") == []
 
@@ -337,8 +563,14 @@ def test_inspect_non_keylocked_file(capsys, tmp_path):
 
 
 def test_missing_model_folder(capsys, tmp_path):
-    code, _, err = run(capsys, "covariance", "--pretrained_model_name_or_path", tmp_path / "no" / "model",
-                       "--output", tmp_path / "cov.safetensors")
+    code, _, err = run(
+        capsys,
+        "covariance",
+        "--pretrained_model_name_or_path",
+        tmp_path / "no" / "model",
+        "--output",
+        tmp_path / "cov.safetensors",
+    )
     assert_user_error(code, err, "not found")
     assert files_under(tmp_path) == []
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from conftest import build_tiny_clip_pipeline
+from test_keylocking import config, generate
 
 import keylocked
 from keylocked.covariance import estimate_covariance
 from keylocked.training import train_concept
 
-from conftest import build_tiny_clip_pipeline
-from test_keylocking import config, generate
-
 
 def test_clip_pipeline_train_load_generate_unload(tmp_path, instance_dir):
     pipe = build_tiny_clip_pipeline(tmp_path / "tok")
     stock = generate(pipe, "a red bear on the table")
-    path = train_concept(config(instance_dir, tmp_path / "out", placeholder_token="<my-bear>", superclass_token="bear"), pipe=pipe)
+    path = train_concept(
+        config(instance_dir, tmp_path / "out", placeholder_token="<my-bear>", superclass_token="bear"), pipe=pipe
+    )
     assert (generate(pipe, "a red bear on the table") == stock).all()  # training hands the pipeline back stock
     keylocked.load_concepts(pipe, path, lock="global")
     ids = pipe.tokenizer("a <my-bear> on the table").input_ids
@@ -27,6 +28,8 @@ def test_clip_pipeline_train_load_generate_unload(tmp_path, instance_dir):
 
 def test_clip_covariance_skips_eos_padding(tmp_path):
     pipe = build_tiny_clip_pipeline(tmp_path / "tok")
-    covariance = estimate_covariance(pipe.text_encoder, pipe.tokenizer, ["a bear", "the red cup on the table"], progress=False)
+    covariance = estimate_covariance(
+        pipe.text_encoder, pipe.tokenizer, ["a bear", "the red cup on the table"], progress=False
+    )
     # <|startoftext|> + words + <|endoftext|>; the <|endoftext|> padding after it is not counted
     assert int(covariance.info["count"]) == (2 + 2) + (6 + 2)

@@ -9,7 +9,14 @@ from PIL import Image
 
 from keylocked.base_model import KeylockedError
 from keylocked.training.config import TrainConfig
-from keylocked.training.data import OBJECT_TEMPLATES, images_to_tensor, load_instance_images, prompts_for, sample_batch, step_generator
+from keylocked.training.data import (
+    OBJECT_TEMPLATES,
+    images_to_tensor,
+    load_instance_images,
+    prompts_for,
+    sample_batch,
+    step_generator,
+)
 
 
 def test_modes_are_converted_to_rgb(tmp_path):
@@ -48,7 +55,10 @@ def test_exif_rotation_is_applied(tmp_path):
         (lambda d: None, "not found"),
         (lambda d: d.mkdir(), "no images found"),
         (lambda d: (d.mkdir(), (d / "notes.txt").write_text("hi")), "no images found"),
-        (lambda d: (d.mkdir(), (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")), "broken.png: unreadable"),
+        (
+            lambda d: (d.mkdir(), (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")),
+            "broken.png: unreadable",
+        ),
         (lambda d: (d.mkdir(), Image.new("RGB", (4, 4)).save(d / "tiny.png")), "tiny.png: 4x4 is smaller"),
     ],
     ids=["missing", "empty", "no-images", "corrupt", "too-small"],
@@ -74,11 +84,20 @@ def test_batches_depend_only_on_seed_and_step():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("train_batch_size", 0), ("max_train_steps", -1), ("train_tau", 0.0), ("ema_decay", 1.0),
-     ("mixed_precision", "fp8"), ("placeholder_token", "my teddy"), ("prompt_templates", ("a photo",))],
+    [
+        ("train_batch_size", 0),
+        ("max_train_steps", -1),
+        ("train_tau", 0.0),
+        ("ema_decay", 1.0),
+        ("mixed_precision", "fp8"),
+        ("placeholder_token", "my teddy"),
+        ("prompt_templates", ("a photo",)),
+    ],
 )
 def test_config_rejects_bad_values(field, value):
-    values = dict(pretrained_model_name_or_path="m", instance_data_dir="d", placeholder_token="<t>", superclass_token="bear")
+    values = dict(
+        pretrained_model_name_or_path="m", instance_data_dir="d", placeholder_token="<t>", superclass_token="bear"
+    )
     values[field] = value
     with pytest.raises(KeylockedError, match=str(value)[:4] if field != "prompt_templates" else "prompt_templates"):
         TrainConfig(**values)

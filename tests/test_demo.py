@@ -13,8 +13,23 @@ from keylocked.demo import foreground_similarity
 
 def test_demo_writes_grid_concept_and_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "2",
-                 "--num_inference_steps", "2", "--betas", "0.6", "0.8", "--no-progress"])
+    code = main(
+        [
+            "demo",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "2",
+            "--num_inference_steps",
+            "2",
+            "--betas",
+            "0.6",
+            "0.8",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert f"wrote {out / 'grid.png'}" in capsys.readouterr().out
     concept = Concept.load(out / "concept.safetensors")

@@ -9,8 +9,16 @@ import pytest
 from PIL import Image
 
 from emoji_world.catalog import load_splits
-from emoji_world.compose import (COLOURS, IMAGE_SIZE, MARGIN, PLACEMENTS, SIZE_RANGES, augmented_view,
-                                 compose, make_caption)
+from emoji_world.compose import (
+    COLOURS,
+    IMAGE_SIZE,
+    MARGIN,
+    PLACEMENTS,
+    SIZE_RANGES,
+    augmented_view,
+    compose,
+    make_caption,
+)
 
 SPRITE_COLOURS = [(255, 0, 255), (0, 255, 255), (10, 200, 120), (120, 60, 20)]
 
@@ -18,7 +26,7 @@ SPRITE_COLOURS = [(255, 0, 255), (0, 255, 255), (10, 200, 120), (120, 60, 20)]
 def solid_sprite(rgb, inset: int = 0) -> np.ndarray:
     """A 64×64 RGBA sprite: an opaque square of ``rgb`` (inset pixels transparent around it)."""
     sprite = np.zeros((64, 64, 4), dtype=np.uint8)
-    sprite[inset:64 - inset, inset:64 - inset] = (*rgb, 255)
+    sprite[inset : 64 - inset, inset : 64 - inset] = (*rgb, 255)
     return sprite
 
 
@@ -27,14 +35,22 @@ def sprites():
     return [solid_sprite(c) for c in SPRITE_COLOURS], ["fox face", "apple", "racing car", "owl"]
 
 
-@pytest.mark.parametrize("names, colour, size, placement, expected", [
-    (["fox face"], None, "", "", "a fox face"),
-    (["apple"], "blue", "", "", "an apple on a blue background"),
-    (["cactus"], "orange", "small", "in the top left corner",
-     "a small cactus in the top left corner on an orange background"),
-    (["owl"], None, "large", "", "a large owl"),
-    (["cat face", "red apple"], "white", "", "", "a cat face and a red apple on a white background"),
-])
+@pytest.mark.parametrize(
+    "names, colour, size, placement, expected",
+    [
+        (["fox face"], None, "", "", "a fox face"),
+        (["apple"], "blue", "", "", "an apple on a blue background"),
+        (
+            ["cactus"],
+            "orange",
+            "small",
+            "in the top left corner",
+            "a small cactus in the top left corner on an orange background",
+        ),
+        (["owl"], None, "large", "", "a large owl"),
+        (["cat face", "red apple"], "white", "", "", "a cat face and a red apple on a white background"),
+    ],
+)
 def test_make_caption(names, colour, size, placement, expected):
     assert make_caption(names, colour, size, placement) == expected
 
@@ -50,8 +66,14 @@ def test_compose_caption_matches_image(sprites, seed):
     image, caption, layout = compose(images, names, np.random.default_rng(seed), p_pair=0.3)
     assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.uint8
     # the border ring (MARGIN pixels wide) is exactly the layout's named colour
-    border = np.concatenate([image[:MARGIN].reshape(-1, 3), image[-MARGIN:].reshape(-1, 3),
-                             image[:, :MARGIN].reshape(-1, 3), image[:, -MARGIN:].reshape(-1, 3)])
+    border = np.concatenate(
+        [
+            image[:MARGIN].reshape(-1, 3),
+            image[-MARGIN:].reshape(-1, 3),
+            image[:, :MARGIN].reshape(-1, 3),
+            image[:, -MARGIN:].reshape(-1, 3),
+        ]
+    )
     assert (border == np.array(COLOURS[layout.colour])).all()
     # caption mentions the colour iff the layout says so, and then the right one
     mentioned = re.findall(r"on an? (\w+) background", caption)
@@ -102,6 +124,7 @@ def test_augmented_view_shape_and_background():
 
 # ---- held-out splits -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def splits():
     return load_splits()
@@ -109,8 +132,9 @@ def splits():
 
 @pytest.fixture(scope="module")
 def bert_tokenizer():
-    from emoji_world.common import text_model_dir
     from transformers import BertTokenizer
+
+    from emoji_world.common import text_model_dir
 
     return BertTokenizer.from_pretrained(text_model_dir(), model_max_length=32)
 
@@ -145,6 +169,7 @@ def test_catalogue_holds_held_out_and_excludes_flags(splits):
 
 # ---- the shipped pipeline --------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pipe():
     from keylocked.models import load_pipeline
@@ -156,8 +181,15 @@ def test_pipeline_loads_offline_and_is_deterministic(pipe, monkeypatch):
     import torch
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run = lambda: pipe("a fox face on a blue background", num_inference_steps=2, output_type="np",
-                       generator=torch.Generator().manual_seed(0)).images
+
+    def run():
+        return pipe(
+            "a fox face on a blue background",
+            num_inference_steps=2,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
     a, b = run(), run()
     assert a.shape == (1, 64, 64, 3)
     assert np.array_equal(a, b)
@@ -205,10 +237,12 @@ def test_resolve_model_errors(tmp_path):
 
 # ---- training scripts: 2-step smoke runs on synthetic sprites --------------------------------
 
+
 def test_train_vae_unet_export_smoke(tmp_path):
     import json
 
     import torch
+
     from emoji_world import train_unet, train_vae
     from emoji_world.export import export
     from keylocked.models import load_pipeline
@@ -217,13 +251,22 @@ def test_train_vae_unet_export_smoke(tmp_path):
     data.mkdir()
     names = ["fox face", "apple", "owl"]
     np.savez_compressed(data / "sprites.npz", sprites=np.stack([solid_sprite(c, 8) for c in SPRITE_COLOURS[:3]]))
-    (data / "sprites.json").write_text(json.dumps(
-        {"entries": [{"name": n, "style": "noto", "split": "train"} for n in names]}))
+    (data / "sprites.json").write_text(
+        json.dumps({"entries": [{"name": n, "style": "noto", "split": "train"} for n in names]})
+    )
     runs = tmp_path / "runs"
     train_vae.main(["--data", str(data), "--output", str(runs / "vae"), "--max_steps", "2", "--batch_size", "2"])
     assert (runs / "vae" / "final" / "config.json").exists() and (runs / "vae" / "checkpoint.pt").exists()
-    args = ["--data", str(data), "--vae", str(runs / "vae" / "final"), "--output", str(runs / "unet"),
-            "--batch_size", "2"]
+    args = [
+        "--data",
+        str(data),
+        "--vae",
+        str(runs / "vae" / "final"),
+        "--output",
+        str(runs / "unet"),
+        "--batch_size",
+        "2",
+    ]
     train_unet.main(args + ["--max_steps", "2"])
     train_unet.main(args + ["--max_steps", "3", "--resume"])
     state = torch.load(runs / "unet" / "checkpoint.pt", map_location="cpu")
@@ -231,8 +274,9 @@ def test_train_vae_unet_export_smoke(tmp_path):
     info = export(tmp_path / "pipe", runs / "unet" / "checkpoint.pt", runs / "vae" / "final", examples=False)
     assert info["trained"] and info["unet_steps"] == 3
     assert not (tmp_path / "pipe" / "text_encoder").exists()
-    image = load_pipeline(tmp_path / "pipe")("an owl", num_inference_steps=2, output_type="np",
-                                             generator=torch.Generator().manual_seed(0)).images
+    image = load_pipeline(tmp_path / "pipe")(
+        "an owl", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
     assert image.shape == (1, 64, 64, 3)
 
 

@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_pipeline, write_instance_images
 from PIL import Image
 
 from keylocked.evaluation import (
@@ -32,8 +33,6 @@ from keylocked.evaluation.metrics import cosine_matrix, present
 from keylocked.training import TrainConfig
 from keylocked.training.baselines import Personalization, train
 
-from conftest import build_tiny_pipeline, write_instance_images
-
 SQRT_HALF = math.sqrt(0.5)
 
 
@@ -43,10 +42,14 @@ class ColourEmbedder:
     name = "fake-colour"
 
     def embed_images(self, images):
-        return torch.tensor(np.stack([np.asarray(i.convert("RGB"), dtype=np.float32).mean((0, 1)) / 255 - 0.5 for i in images]))
+        return torch.tensor(
+            np.stack([np.asarray(i.convert("RGB"), dtype=np.float32).mean((0, 1)) / 255 - 0.5 for i in images])
+        )
 
     def embed_texts(self, texts):
-        return torch.stack([torch.randn(3, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts])
+        return torch.stack(
+            [torch.randn(3, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts]
+        )
 
 
 # -- pure metrics --------------------------------------------------------------------------
@@ -89,15 +92,34 @@ def test_separating_threshold(positives, negatives, accuracy):
 
 def test_summary_and_pareto_plot(tmp_path):
     rows = [
-        {"concept": c, "method": m, "prompt": "a {}", "seed": s, "beta": b, "lock": lock, "scale": None,
-         "image_alignment": ia, "text_alignment": ta}
-        for c in ("x", "y") for s in (0, 1)
-        for m, b, lock, ia, ta in [("perfusion", 0.5, "local", 0.8, 0.2), ("perfusion", 0.7, "local", 0.6, 0.3), ("textual-inversion", None, None, 0.5, 0.1)]
+        {
+            "concept": c,
+            "method": m,
+            "prompt": "a {}",
+            "seed": s,
+            "beta": b,
+            "lock": lock,
+            "scale": None,
+            "image_alignment": ia,
+            "text_alignment": ta,
+        }
+        for c in ("x", "y")
+        for s in (0, 1)
+        for m, b, lock, ia, ta in [
+            ("perfusion", 0.5, "local", 0.8, 0.2),
+            ("perfusion", 0.7, "local", 0.6, 0.3),
+            ("textual-inversion", None, None, 0.5, 0.1),
+        ]
     ]
     summary = summarize(rows)
     assert [(e["method"], e["beta"], e["n"], e["concepts"]) for e in summary] == [
-        ("perfusion", 0.5, 4, 2), ("perfusion", 0.7, 4, 2), ("textual-inversion", None, 4, 2)]
-    assert summary[0]["image_alignment"] == pytest.approx(0.8) and summary[0]["image_alignment_std"] == pytest.approx(0.0)
+        ("perfusion", 0.5, 4, 2),
+        ("perfusion", 0.7, 4, 2),
+        ("textual-inversion", None, 4, 2),
+    ]
+    assert summary[0]["image_alignment"] == pytest.approx(0.8) and summary[0]["image_alignment_std"] == pytest.approx(
+        0.0
+    )
     path = plot_pareto(summary, tmp_path / "pareto.png", embedder_name="fake")
     assert path.stat().st_size > 1000 and Image.open(path).format == "PNG"
 
@@ -111,9 +133,18 @@ def perfusion_item(tmp_path_factory):
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     instance = write_instance_images(root / "instance")
-    config = TrainConfig(pretrained_model_name_or_path="unused", instance_data_dir=str(instance), placeholder_token="<my-thing>",
-                         superclass_token="bear", output_dir=str(root / "concept"), max_train_steps=2, train_batch_size=2,
-                         gradient_accumulation_steps=1, checkpointing_steps=2, progress=False)
+    config = TrainConfig(
+        pretrained_model_name_or_path="unused",
+        instance_data_dir=str(instance),
+        placeholder_token="<my-thing>",
+        superclass_token="bear",
+        output_dir=str(root / "concept"),
+        max_train_steps=2,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        checkpointing_steps=2,
+        progress=False,
+    )
     path = train(config, method="perfusion", pipe=pipe)
     references = [Image.open(p).convert("RGB") for p in sorted(instance.iterdir())]
     return pipe, EvalItem("thing", "bear", references, Personalization.from_path(path))
@@ -122,17 +153,32 @@ def perfusion_item(tmp_path_factory):
 def test_evaluate_writes_every_row_and_scores_match_the_saved_images(perfusion_item, tmp_path):
     pipe, item = perfusion_item
     base = EvalItem("thing", "bear", item.references)
-    config = EvalConfig(prompts=("a {} on a table", "a photo of a {}"), seeds=(0, 1), betas=(0.6, 0.8), locks=("local", "global"),
-                        global_betas=(0.5,), num_inference_steps=2, images_dir=str(tmp_path / "images"))
+    config = EvalConfig(
+        prompts=("a {} on a table", "a photo of a {}"),
+        seeds=(0, 1),
+        betas=(0.6, 0.8),
+        locks=("local", "global"),
+        global_betas=(0.5,),
+        num_inference_steps=2,
+        images_dir=str(tmp_path / "images"),
+    )
     embedder = ColourEmbedder()
     assert isinstance(embedder, ImageTextEmbedder)
     rows = evaluate(pipe, [base, item], embedder, config, output_dir=tmp_path / "out", log=lambda *_: None)
     # base: 2 prompts × 2 seeds; perfusion: (2 local + 1 global β) × 2 × 2
     assert len(rows) == 4 + 12
-    assert {(r["lock"], r["beta"]) for r in rows if r["method"] == "perfusion"} == {("local", 0.6), ("local", 0.8), ("global", 0.5)}
+    assert {(r["lock"], r["beta"]) for r in rows if r["method"] == "perfusion"} == {
+        ("local", 0.6),
+        ("local", 0.8),
+        ("global", 0.5),
+    }
     assert not hasattr(pipe.unet, "_keylocked_installation")  # unloaded afterwards
     # recompute one row from its saved image with the fake embedder
-    row = next(r for r in rows if r["method"] == "perfusion" and r["beta"] == 0.8 and r["seed"] == 1 and r["prompt"] == "a {} on a table")
+    row = next(
+        r
+        for r in rows
+        if r["method"] == "perfusion" and r["beta"] == 0.8 and r["seed"] == 1 and r["prompt"] == "a {} on a table"
+    )
     image = Image.open(tmp_path / "images" / "thing" / "perfusion-local-β-0-8" / "a-X-on-a-table-s1.png")
     generated = embedder.embed_images([image])
     expected_image = image_alignment(generated, embedder.embed_images(item.references))[0]
@@ -143,7 +189,17 @@ def test_evaluate_writes_every_row_and_scores_match_the_saved_images(perfusion_i
     out = tmp_path / "out"
     with (out / "rows.csv").open() as handle:
         table = list(csv.DictReader(handle))
-    assert len(table) == 16 and list(table[0]) == ["concept", "method", "prompt", "seed", "beta", "lock", "scale", "image_alignment", "text_alignment"]
+    assert len(table) == 16 and list(table[0]) == [
+        "concept",
+        "method",
+        "prompt",
+        "seed",
+        "beta",
+        "lock",
+        "scale",
+        "image_alignment",
+        "text_alignment",
+    ]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["embedder"] == "fake-colour" and len(summary["summary"]) == 4
     assert "| perfusion | global | 0.5 |" in (out / "summary.md").read_text()
@@ -155,7 +211,14 @@ def test_evaluate_pairs_decides_presence_by_threshold(perfusion_item):
     other = EvalItem("other", "cup", item.references)
     base_first = EvalItem("thing", "bear", item.references)
     config = EvalConfig(prompts=("a {}",), seeds=(0, 1), num_inference_steps=2)
-    rows = evaluate_pairs(pipe, [(base_first, other)], ColourEmbedder(), config, thresholds={"thing": -2.0, "other": 2.0}, log=lambda *_: None)
+    rows = evaluate_pairs(
+        pipe,
+        [(base_first, other)],
+        ColourEmbedder(),
+        config,
+        thresholds={"thing": -2.0, "other": 2.0},
+        log=lambda *_: None,
+    )
     assert len(rows) == 2
     assert all(r["a_present"] and not r["b_present"] and not r["both_present"] for r in rows)
 
@@ -183,16 +246,33 @@ def _tiny_clip(folder):
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                         pad_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(folder)
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -238,12 +318,48 @@ def test_evaluation_command_with_a_local_clip(perfusion_item, tiny_model_dir, tm
     references.mkdir()
     for index, image in enumerate(item.references):
         image.save(references / f"{index}.png")
-    code = main(["--pretrained_model_name_or_path", str(tiny_model_dir), "--concept", str(item.personalization.path),
-                 "--references", str(references), "--superclass", "bear", "--prompt", "a {} on a table", "--seeds", "0",
-                 "--betas", "0.7", "--num_inference_steps", "2", "--embedder", str(_tiny_clip(tmp_path / "clip")),
-                 "--no_base", "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "--pretrained_model_name_or_path",
+            str(tiny_model_dir),
+            "--concept",
+            str(item.personalization.path),
+            "--references",
+            str(references),
+            "--superclass",
+            "bear",
+            "--prompt",
+            "a {} on a table",
+            "--seeds",
+            "0",
+            "--betas",
+            "0.7",
+            "--num_inference_steps",
+            "2",
+            "--embedder",
+            str(_tiny_clip(tmp_path / "clip")),
+            "--no_base",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = json.loads((tmp_path / "out" / "rows.json").read_text())
     assert rows["embedder"] == "clip:clip" and len(rows["rows"]) == 1 and rows["rows"][0]["beta"] == 0.7
-    assert main(["--pretrained_model_name_or_path", str(tiny_model_dir), "--concept", str(tmp_path), "--references", str(references),
-                 "--superclass", "bear", "--prompt", "a {}"]) == 2
+    assert (
+        main(
+            [
+                "--pretrained_model_name_or_path",
+                str(tiny_model_dir),
+                "--concept",
+                str(tmp_path),
+                "--references",
+                str(references),
+                "--superclass",
+                "bear",
+                "--prompt",
+                "a {}",
+            ]
+        )
+        == 2
+    )

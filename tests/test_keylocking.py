@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_tiny_pipeline
 from safetensors.torch import load_file
 
 import keylocked
@@ -16,14 +17,19 @@ from keylocked.perfusion import concept_gate
 from keylocked.training import TrainConfig, train_concept
 from keylocked.training.trainer import ConceptParameters
 
-from conftest import build_tiny_pipeline
-
 
 def config(instance_dir, output_dir, **overrides) -> TrainConfig:
     values = dict(
-        pretrained_model_name_or_path="unused", instance_data_dir=str(instance_dir), placeholder_token="<my-thing>",
-        superclass_token="bear", output_dir=str(output_dir), max_train_steps=2, train_batch_size=2,
-        gradient_accumulation_steps=1, checkpointing_steps=2, progress=False,
+        pretrained_model_name_or_path="unused",
+        instance_data_dir=str(instance_dir),
+        placeholder_token="<my-thing>",
+        superclass_token="bear",
+        output_dir=str(output_dir),
+        max_train_steps=2,
+        train_batch_size=2,
+        gradient_accumulation_steps=1,
+        checkpointing_steps=2,
+        progress=False,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -43,7 +49,12 @@ def trained(tmp_path_factory):
     pipe.set_progress_bar_config(disable=True)
     first = train_concept(config(write_instance_images(root / "a"), root / "out-a", max_train_steps=3), pipe=pipe)
     second = train_concept(
-        config(write_instance_images(root / "b", count=2), root / "out-b", placeholder_token="<other>", superclass_token="cup"),
+        config(
+            write_instance_images(root / "b", count=2),
+            root / "out-b",
+            placeholder_token="<other>",
+            superclass_token="cup",
+        ),
         pipe=pipe,
     )
     return first, second
@@ -82,7 +93,9 @@ def test_only_embedding_and_value_targets_receive_gradients(tiny_pipe):
         module.requires_grad_(False)
     super_id = pipe.tokenizer.convert_tokens_to_ids("bear")
     embedding = pipe.text_encoder.get_input_embeddings()
-    params = ConceptParameters(embedding.weight[super_id], torch.randn(d), {n: torch.randn(l.out_features) for n, l in layers.items()})
+    params = ConceptParameters(
+        embedding.weight[super_id], torch.randn(d), {n: torch.randn(layer.out_features) for n, layer in layers.items()}
+    )
     context.concepts["<c>"] = ConceptSlot(params.concept_input, params.superclass_input, 0.75, 0.1)
     context.active = {"<c>"}
     for name, layer in layers.items():
@@ -126,11 +139,19 @@ def test_training_changes_only_the_concept(tiny_pipe, instance_dir, tmp_path):
 
 def test_resume_reproduces_an_uninterrupted_run(instance_dir, tmp_path):
     pipe = build_tiny_pipeline()
-    straight = train_concept(config(instance_dir, tmp_path / "straight", max_train_steps=4, gradient_accumulation_steps=2), pipe=pipe)
+    straight = train_concept(
+        config(instance_dir, tmp_path / "straight", max_train_steps=4, gradient_accumulation_steps=2), pipe=pipe
+    )
     interrupted = config(instance_dir, tmp_path / "resumed", max_train_steps=2, gradient_accumulation_steps=2)
     train_concept(interrupted, pipe=pipe)
     resumed = train_concept(
-        config(instance_dir, tmp_path / "resumed", max_train_steps=4, gradient_accumulation_steps=2, resume_from_checkpoint="latest"),
+        config(
+            instance_dir,
+            tmp_path / "resumed",
+            max_train_steps=4,
+            gradient_accumulation_steps=2,
+            resume_from_checkpoint="latest",
+        ),
         pipe=pipe,
     )
     a, b = load_file(str(straight)), load_file(str(resumed))
@@ -196,7 +217,9 @@ def test_edited_projections_are_computed_once_per_prompt(trained, tiny_pipe, mon
 def test_covariance_uses_real_text_positions_only(tiny_pipe):
     prompts = ["a bear", "a photo of a red cup on a table"]
     covariance = estimate_covariance(tiny_pipe.text_encoder, tiny_pipe.tokenizer, prompts, progress=False)
-    tokens = tiny_pipe.tokenizer(prompts, padding="max_length", max_length=tiny_pipe.tokenizer.model_max_length, return_tensors="pt")
+    tokens = tiny_pipe.tokenizer(
+        prompts, padding="max_length", max_length=tiny_pipe.tokenizer.model_max_length, return_tensors="pt"
+    )
     with torch.no_grad():
         encodings = tiny_pipe.text_encoder(tokens.input_ids)[0].double()
     rows = encodings[tokens.attention_mask.bool()]  # BOS, words, EOS; no padding
@@ -205,7 +228,9 @@ def test_covariance_uses_real_text_positions_only(tiny_pipe):
     inverse = covariance.inverse.double()
     ridge = float(covariance.info["ridge"])
     if ridge:
-        expected = expected + ridge * torch.linalg.eigvalsh(expected).mean() * torch.eye(expected.shape[0], dtype=torch.float64)
+        expected = expected + ridge * torch.linalg.eigvalsh(expected).mean() * torch.eye(
+            expected.shape[0], dtype=torch.float64
+        )
     assert torch.allclose(inverse @ expected, torch.eye(expected.shape[0], dtype=torch.float64), atol=1e-3)
 
 
@@ -236,8 +261,15 @@ def test_a_failed_load_leaves_the_pipeline_untouched(trained, tiny_pipe, tmp_pat
 
 def test_validation_images_are_written(tiny_pipe, instance_dir, tmp_path):
     train_concept(
-        config(instance_dir, tmp_path / "val", max_train_steps=2, validation_prompt="a <my-thing>", validation_steps=1,
-               num_validation_images=2, num_inference_steps=2),
+        config(
+            instance_dir,
+            tmp_path / "val",
+            max_train_steps=2,
+            validation_prompt="a <my-thing>",
+            validation_steps=1,
+            num_validation_images=2,
+            num_inference_steps=2,
+        ),
         pipe=tiny_pipe,
     )
     assert sorted(p.name for p in (tmp_path / "val" / "validation").iterdir()) == ["step-1.png", "step-2.png"]
@@ -249,13 +281,18 @@ def test_a_covariance_bundled_with_the_model_folder_is_preferred(tiny_model_dir,
     from keylocked.covariance import default_covariance, pipeline_folder
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
-    bundled = estimate_covariance(pipe.text_encoder, pipe.tokenizer, ["a bear", "a red cup", "the table"], progress=False)
+    bundled = estimate_covariance(
+        pipe.text_encoder, pipe.tokenizer, ["a bear", "a red cup", "the table"], progress=False
+    )
     bundled.save(tiny_model_dir / "covariance.safetensors")
     try:
         monkeypatch.setenv("KEYLOCKED_CACHE", str(tmp_path / "empty-cache"))
         found = default_covariance(pipe.text_encoder, pipe.tokenizer, model_dir=pipeline_folder(pipe))
         assert found.sha256 == bundled.sha256 and found.info["num_prompts"] == "3"
         other = build_tiny_pipeline(seed=1)  # another text encoder: the bundled file does not fit it
-        assert default_covariance(other.text_encoder, other.tokenizer, model_dir=tiny_model_dir, progress=False).sha256 != bundled.sha256
+        assert (
+            default_covariance(other.text_encoder, other.tokenizer, model_dir=tiny_model_dir, progress=False).sha256
+            != bundled.sha256
+        )
     finally:
         (tiny_model_dir / "covariance.safetensors").unlink()

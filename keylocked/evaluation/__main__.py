@@ -20,8 +20,9 @@ from ..base_model import KeylockedError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m keylocked.evaluation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m keylocked.evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return parser
 
@@ -30,9 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``keylocked evaluate`` (also ``python -m keylocked.evaluation``)."""
     parser.add_argument("--pretrained_model_name_or_path", required=True)
     parser.add_argument("--concept", action="append", required=True, help="concept file or baseline folder (repeat)")
-    parser.add_argument("--references", action="append", required=True, help="folder of the concept's training images (repeat)")
+    parser.add_argument(
+        "--references", action="append", required=True, help="folder of the concept's training images (repeat)"
+    )
     parser.add_argument("--superclass", action="append", required=True, help="super-category word (repeat)")
-    parser.add_argument("--prompt", action="append", required=True, help="prompt template with {} for the concept (repeat)")
+    parser.add_argument(
+        "--prompt", action="append", required=True, help="prompt template with {} for the concept (repeat)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--betas", nargs="+", type=float, default=[0.6, 0.7, 0.8])
     parser.add_argument("--locks", nargs="+", default=["local"], choices=["local", "global"])
@@ -67,10 +72,17 @@ def run(args: argparse.Namespace) -> None:
 
     if not len(args.concept) == len(args.references) == len(args.superclass):
         raise KeylockedError("give one --references and one --superclass per --concept, in the same order")
-    config = EvalConfig(prompts=tuple(args.prompt), seeds=tuple(args.seeds), betas=tuple(args.betas), locks=tuple(args.locks),
-                        global_betas=tuple(args.global_betas) if args.global_betas else None, lora_scales=tuple(args.lora_scales),
-                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                        images_dir=str(args.output / "images") if args.save_images else None)
+    config = EvalConfig(
+        prompts=tuple(args.prompt),
+        seeds=tuple(args.seeds),
+        betas=tuple(args.betas),
+        locks=tuple(args.locks),
+        global_betas=tuple(args.global_betas) if args.global_betas else None,
+        lora_scales=tuple(args.lora_scales),
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        images_dir=str(args.output / "images") if args.save_images else None,
+    )
     items = [Personalization.from_path(path) for path in args.concept]  # validate before loading models
     pipe = load_pipeline(args.pretrained_model_name_or_path)
     embedder = EmojiEvaluator.load() if args.embedder == "emoji" else CLIPEmbedder(args.embedder)

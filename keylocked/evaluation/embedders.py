@@ -55,7 +55,7 @@ class CLIPEmbedder:
     def embed_images(self, images: list[Image.Image]) -> Tensor:
         chunks = []
         for start in range(0, len(images), self.batch_size):
-            batch = [image.convert("RGB") for image in images[start:start + self.batch_size]]
+            batch = [image.convert("RGB") for image in images[start : start + self.batch_size]]
             inputs = self.processor(images=batch, return_tensors="pt").to(self.device)
             chunks.append(self._features(self.model.get_image_features(**inputs)).float().cpu())
         return torch.cat(chunks)  # (N, D)
@@ -64,7 +64,9 @@ class CLIPEmbedder:
     def embed_texts(self, texts: list[str]) -> Tensor:
         chunks = []
         for start in range(0, len(texts), self.batch_size):
-            inputs = self.processor(text=texts[start:start + self.batch_size], padding=True, truncation=True, return_tensors="pt").to(self.device)
+            inputs = self.processor(
+                text=texts[start : start + self.batch_size], padding=True, truncation=True, return_tensors="pt"
+            ).to(self.device)
             chunks.append(self._features(self.model.get_text_features(**inputs)).float().cpu())
         return torch.cat(chunks)  # (N, D)
 
@@ -80,11 +82,19 @@ class ImageTower(nn.Module):
         super().__init__()
         self.widths, self.embed_dim = tuple(widths), embed_dim
         # stem 64 -> 32, then each stage halves the resolution: 32 -> 16 -> 8 -> 4
-        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1), nn.GroupNorm(8, widths[0]), nn.SiLU()]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, widths[0], 4, stride=2, padding=1),
+            nn.GroupNorm(8, widths[0]),
+            nn.SiLU(),
+        ]
         for before, after in zip(widths[:-1], widths[1:]):
             layers += [
-                nn.Conv2d(before, after, 3, stride=2, padding=1), nn.GroupNorm(8, after), nn.SiLU(),
-                nn.Conv2d(after, after, 3, padding=1), nn.GroupNorm(8, after), nn.SiLU(),
+                nn.Conv2d(before, after, 3, stride=2, padding=1),
+                nn.GroupNorm(8, after),
+                nn.SiLU(),
+                nn.Conv2d(after, after, 3, padding=1),
+                nn.GroupNorm(8, after),
+                nn.SiLU(),
             ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(widths[-1] * 2, embed_dim)  # mean- and max-pooled features
@@ -131,7 +141,9 @@ class MiniLMTextTower:
     def __call__(self, texts: list[str], batch_size: int = 256) -> Tensor:
         chunks = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt").to(self.device)
+            tokens = self.tokenizer(
+                texts[start : start + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt"
+            ).to(self.device)
             hidden = self.model(**tokens).last_hidden_state  # (B, T, d)
             mask = tokens.attention_mask.unsqueeze(-1).float()  # (B, T, 1)
             chunks.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())  # (B, d)
@@ -141,7 +153,13 @@ class MiniLMTextTower:
 class EmojiEvaluator:
     """LiT-style judge for the emoji world: trained CNN image tower, frozen MiniLM text tower."""
 
-    def __init__(self, tower: ImageTower, info: dict | None = None, device: str | torch.device = "cpu", text_tower: MiniLMTextTower | None = None):
+    def __init__(
+        self,
+        tower: ImageTower,
+        info: dict | None = None,
+        device: str | torch.device = "cpu",
+        text_tower: MiniLMTextTower | None = None,
+    ):
         self.device = torch.device(device)
         self.tower = tower.to(self.device).eval()
         self.info = info or {}
@@ -155,13 +173,15 @@ class EmojiEvaluator:
         return self._text_tower
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> "EmojiEvaluator":
+    def load(cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> EmojiEvaluator:
         """The shipped evaluator (``keylocked/models/evaluator/``) or a file written by ``save``."""
         path = Path(path) if path is not None else EVALUATOR_DIR / EVALUATOR_FILENAME
         if path.is_dir():
             path = path / EVALUATOR_FILENAME
         if not path.is_file():
-            raise KeylockedError(f"evaluator weights not found: {path} (train them: python -m emoji_world.train_evaluator)")
+            raise KeylockedError(
+                f"evaluator weights not found: {path} (train them: python -m emoji_world.train_evaluator)"
+            )
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if metadata.get("format") != EVALUATOR_FORMAT:
@@ -175,9 +195,12 @@ class EmojiEvaluator:
         path = Path(path)
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.tower.state_dict().items()}
         metadata = {
-            "format": EVALUATOR_FORMAT, "format_version": str(EVALUATOR_VERSION),
-            "widths": json.dumps(list(self.tower.widths)), "embed_dim": str(self.tower.embed_dim),
-            "text_tower": MiniLMTextTower.name, "info": json.dumps(self.info, sort_keys=True),
+            "format": EVALUATOR_FORMAT,
+            "format_version": str(EVALUATOR_VERSION),
+            "widths": json.dumps(list(self.tower.widths)),
+            "embed_dim": str(self.tower.embed_dim),
+            "text_tower": MiniLMTextTower.name,
+            "info": json.dumps(self.info, sort_keys=True),
         }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -187,7 +210,7 @@ class EmojiEvaluator:
     def embed_images(self, images: list[Image.Image], batch_size: int = 256) -> Tensor:
         chunks = []
         for start in range(0, len(images), batch_size):
-            pixels = images_to_pixels(images[start:start + batch_size]).to(self.device)
+            pixels = images_to_pixels(images[start : start + batch_size]).to(self.device)
             chunks.append(F.normalize(self.tower(pixels).float(), dim=-1).cpu())
         return torch.cat(chunks)  # (N, D)
 

@@ -12,15 +12,20 @@ import csv
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from PIL import Image
 
 from ..base_model import KeylockedError
-from ..training.baselines import Personalization, load_personalizations, set_personalization_options, unload_personalizations
+from ..training.baselines import (
+    Personalization,
+    load_personalizations,
+    set_personalization_options,
+    unload_personalizations,
+)
 from .metrics import ImageTextEmbedder, image_alignment, text_alignment
 
 ROW_FIELDS = ("concept", "method", "prompt", "seed", "beta", "lock", "scale", "image_alignment", "text_alignment")
@@ -87,15 +92,26 @@ def generate(pipe, prompts: list[str], seeds: list[int], config: EvalConfig) -> 
     """One image per (prompt, seed), batched; image i depends only on its own seed."""
     images = []
     for start in range(0, len(prompts), config.batch_size):
-        chunk, chunk_seeds = prompts[start:start + config.batch_size], seeds[start:start + config.batch_size]
+        chunk, chunk_seeds = prompts[start : start + config.batch_size], seeds[start : start + config.batch_size]
         generators = [torch.Generator(pipe.unet.device).manual_seed(s) for s in chunk_seeds]
-        images += pipe(chunk, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                       generator=generators).images
+        images += pipe(
+            chunk,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            generator=generators,
+        ).images
     return images
 
 
-def evaluate(pipe, items: Iterable[EvalItem], embedder: ImageTextEmbedder, config: EvalConfig,
-             output_dir: str | os.PathLike | None = None, covariance=None, log=print) -> list[dict]:
+def evaluate(
+    pipe,
+    items: Iterable[EvalItem],
+    embedder: ImageTextEmbedder,
+    config: EvalConfig,
+    output_dir: str | os.PathLike | None = None,
+    covariance=None,
+    log=print,
+) -> list[dict]:
     """Generate and score every (item, setting, prompt, seed); writes results to ``output_dir`` when given."""
     rows = []
     for item in items:
@@ -105,7 +121,9 @@ def evaluate(pipe, items: Iterable[EvalItem], embedder: ImageTextEmbedder, confi
         try:
             for setting in config.settings(item.method):
                 if setting:
-                    set_personalization_options(pipe, beta=setting.get("beta"), lock=setting.get("lock"), lora_scale=setting.get("scale"))
+                    set_personalization_options(
+                        pipe, beta=setting.get("beta"), lock=setting.get("lock"), lora_scale=setting.get("scale")
+                    )
                 started = time.perf_counter()
                 cases = [(template, seed) for template in config.prompts for seed in config.seeds]
                 prompts = [template.format(item.phrase) for template, _ in cases]
@@ -115,15 +133,25 @@ def evaluate(pipe, items: Iterable[EvalItem], embedder: ImageTextEmbedder, confi
                 image_scores = image_alignment(generated, references)  # (N,)
                 text_scores = text_alignment(generated, texts)  # (N,)
                 for index, ((template, seed), image) in enumerate(zip(cases, images)):
-                    rows.append({
-                        "concept": item.concept, "method": item.method, "prompt": template, "seed": seed,
-                        "beta": setting.get("beta"), "lock": setting.get("lock"), "scale": setting.get("scale"),
-                        "image_alignment": round(float(image_scores[index]), 5), "text_alignment": round(float(text_scores[index]), 5),
-                    })
+                    rows.append(
+                        {
+                            "concept": item.concept,
+                            "method": item.method,
+                            "prompt": template,
+                            "seed": seed,
+                            "beta": setting.get("beta"),
+                            "lock": setting.get("lock"),
+                            "scale": setting.get("scale"),
+                            "image_alignment": round(float(image_scores[index]), 5),
+                            "text_alignment": round(float(text_scores[index]), 5),
+                        }
+                    )
                     if config.images_dir:
                         _save_image(image, Path(config.images_dir), item, setting, template, seed)
-                log(f"{item.concept:>16} {item.method:<18} {_setting_label(setting):<16} image {image_scores.mean():.3f} "
-                    f"text {text_scores.mean():.3f} ({time.perf_counter() - started:.1f} s)")
+                log(
+                    f"{item.concept:>16} {item.method:<18} {_setting_label(setting):<16} image {image_scores.mean():.3f} "
+                    f"text {text_scores.mean():.3f} ({time.perf_counter() - started:.1f} s)"
+                )
         finally:
             if item.personalization is not None:
                 unload_personalizations(pipe)
@@ -158,8 +186,14 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["method"], row["lock"], row["beta"], row["scale"]), []).append(row)
     summary = []
     for (method, lock, beta, scale), members in groups.items():
-        entry = {"method": method, "lock": lock, "beta": beta, "scale": scale, "n": len(members),
-                 "concepts": len({m["concept"] for m in members})}
+        entry = {
+            "method": method,
+            "lock": lock,
+            "beta": beta,
+            "scale": scale,
+            "n": len(members),
+            "concepts": len({m["concept"] for m in members}),
+        }
         for metric in ("image_alignment", "text_alignment"):
             values = torch.tensor([m[metric] for m in members], dtype=torch.float64)
             entry[metric] = round(float(values.mean()), 4)
@@ -169,12 +203,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     return sorted(summary, key=lambda e: (order.get(e["method"], 9), e["lock"] or "", e["beta"] or 0, e["scale"] or 0))
 
 
-def write_results(rows: list[dict], output_dir: str | os.PathLike, embedder_name: str = "", extra: dict | None = None) -> dict[str, Path]:
+def write_results(
+    rows: list[dict], output_dir: str | os.PathLike, embedder_name: str = "", extra: dict | None = None
+) -> dict[str, Path]:
     """rows.json/.csv, summary.json/.csv/.md and pareto.png in ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
-    paths = {name: output_dir / name for name in ("rows.json", "rows.csv", "summary.json", "summary.csv", "summary.md", "pareto.png")}
+    paths = {
+        name: output_dir / name
+        for name in ("rows.json", "rows.csv", "summary.json", "summary.csv", "summary.md", "pareto.png")
+    }
     meta = {"embedder": embedder_name, **(extra or {})}
     paths["rows.json"].write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     paths["summary.json"].write_text(json.dumps({**meta, "summary": summary}, indent=1) + "\n")
@@ -195,17 +234,25 @@ def _write_csv(path: Path, rows: list[dict], fields) -> None:
 
 def summary_table(summary: list[dict], embedder_name: str = "") -> str:
     """Markdown table of the summary (raw cosines)."""
-    lines = [f"Raw cosines, embedder: {embedder_name or '?'}; mean ± std over concepts × prompts × seeds.", "",
-             "| method | lock | β | scale | image alignment | text alignment | n |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Raw cosines, embedder: {embedder_name or '?'}; mean ± std over concepts × prompts × seeds.",
+        "",
+        "| method | lock | β | scale | image alignment | text alignment | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda v: "" if v is None else f"{v:g}"  # noqa: E731
     for e in summary:
-        lines.append(f"| {e['method']} | {e['lock'] or ''} | {fmt(e['beta'])} | {fmt(e['scale'])} | "
-                     f"{e['image_alignment']:.4f} ± {e['image_alignment_std']:.4f} | "
-                     f"{e['text_alignment']:.4f} ± {e['text_alignment_std']:.4f} | {e['n']} |")
+        lines.append(
+            f"| {e['method']} | {e['lock'] or ''} | {fmt(e['beta'])} | {fmt(e['scale'])} | "
+            f"{e['image_alignment']:.4f} ± {e['image_alignment_std']:.4f} | "
+            f"{e['text_alignment']:.4f} ± {e['text_alignment_std']:.4f} | {e['n']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot_pareto(summary: list[dict], path: str | os.PathLike, embedder_name: str = "", title: str = "Personalization trade-off") -> Path:
+def plot_pareto(
+    summary: list[dict], path: str | os.PathLike, embedder_name: str = "", title: str = "Personalization trade-off"
+) -> Path:
     """PNG: text alignment (x) vs image alignment (y); one curve per method (and lock), points labelled by knob."""
     import matplotlib
 
@@ -219,11 +266,19 @@ def plot_pareto(summary: list[dict], path: str | os.PathLike, embedder_name: str
     figure, axes = plt.subplots(figsize=(6.4, 4.8))
     markers = iter(["o", "s", "^", "D", "v", "P", "X", "*"])
     for label, entries in curves.items():
-        entries = sorted(entries, key=lambda e: (e["beta"] if e["beta"] is not None else e["scale"] if e["scale"] is not None else 0))
+        entries = sorted(
+            entries, key=lambda e: e["beta"] if e["beta"] is not None else e["scale"] if e["scale"] is not None else 0
+        )
         xs, ys = [e["text_alignment"] for e in entries], [e["image_alignment"] for e in entries]
         axes.plot(xs, ys, marker=next(markers, "o"), linestyle="-" if len(entries) > 1 else "none", label=label)
         for e, x, y in zip(entries, xs, ys):
-            knob = f"β={e['beta']:g}" if e["beta"] is not None else f"×{e['scale']:g}" if e["scale"] is not None and len(entries) > 1 else ""
+            knob = (
+                f"β={e['beta']:g}"
+                if e["beta"] is not None
+                else f"×{e['scale']:g}"
+                if e["scale"] is not None and len(entries) > 1
+                else ""
+            )
             if knob:
                 axes.annotate(knob, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     axes.set_xlabel(f"text alignment (cosine{', ' + embedder_name if embedder_name else ''})")
@@ -242,9 +297,17 @@ def plot_pareto(summary: list[dict], path: str | os.PathLike, embedder_name: str
 # Several concepts trained apart, prompted together.
 
 
-def evaluate_pairs(pipe, pairs: list[tuple[EvalItem, EvalItem]], embedder: ImageTextEmbedder, config: EvalConfig,
-                   thresholds: dict[str, float], template: str = "a {} and a {}", setting: dict | None = None,
-                   covariance=None, log=print) -> list[dict]:
+def evaluate_pairs(
+    pipe,
+    pairs: list[tuple[EvalItem, EvalItem]],
+    embedder: ImageTextEmbedder,
+    config: EvalConfig,
+    thresholds: dict[str, float],
+    template: str = "a {} and a {}",
+    setting: dict | None = None,
+    covariance=None,
+    log=print,
+) -> list[dict]:
     """For each pair (same method), load both, prompt them together; a concept counts as present
     when its image alignment exceeds ``thresholds[concept]``. One row per (pair, seed)."""
     rows = []
@@ -256,22 +319,37 @@ def evaluate_pairs(pipe, pairs: list[tuple[EvalItem, EvalItem]], embedder: Image
             load_personalizations(pipe, loaded, covariance=covariance, tau=config.tau)
         try:
             if setting:
-                set_personalization_options(pipe, beta=setting.get("beta"), lock=setting.get("lock"), lora_scale=setting.get("scale"))
+                set_personalization_options(
+                    pipe, beta=setting.get("beta"), lock=setting.get("lock"), lora_scale=setting.get("scale")
+                )
             prompt = template.format(first.phrase, second.phrase)
             images = generate(pipe, [prompt] * len(config.seeds), list(config.seeds), config)
             generated = embedder.embed_images(images)  # (S, D)
             text = embedder.embed_texts([template.format(first.superclass, second.superclass)] * len(images))
-            scores = {i.concept: image_alignment(generated, embedder.embed_images(i.references)) for i in (first, second)}
+            scores = {
+                i.concept: image_alignment(generated, embedder.embed_images(i.references)) for i in (first, second)
+            }
             text_scores = text_alignment(generated, text)
             for index, seed in enumerate(config.seeds):
                 found = {c: bool(s[index] > thresholds[c]) for c, s in scores.items()}
-                rows.append({"method": first.method, "pair": f"{first.concept} + {second.concept}", "seed": seed,
-                             "beta": (setting or {}).get("beta"), "lock": (setting or {}).get("lock"),
-                             **{f"image_alignment_{k}": round(float(scores[c][index]), 5) for k, c in (("a", first.concept), ("b", second.concept))},
-                             "text_alignment": round(float(text_scores[index]), 5),
-                             "a_present": found[first.concept], "b_present": found[second.concept],
-                             "both_present": all(found.values())})
-            both = sum(r["both_present"] for r in rows[-len(config.seeds):])
+                rows.append(
+                    {
+                        "method": first.method,
+                        "pair": f"{first.concept} + {second.concept}",
+                        "seed": seed,
+                        "beta": (setting or {}).get("beta"),
+                        "lock": (setting or {}).get("lock"),
+                        **{
+                            f"image_alignment_{k}": round(float(scores[c][index]), 5)
+                            for k, c in (("a", first.concept), ("b", second.concept))
+                        },
+                        "text_alignment": round(float(text_scores[index]), 5),
+                        "a_present": found[first.concept],
+                        "b_present": found[second.concept],
+                        "both_present": all(found.values()),
+                    }
+                )
+            both = sum(r["both_present"] for r in rows[-len(config.seeds) :])
             log(f"pair {first.concept} + {second.concept} [{first.method}]: both present in {both}/{len(config.seeds)}")
         finally:
             if loaded:

@@ -18,8 +18,15 @@ _HERE = Path(__file__).resolve().parent
 EMBEDDED_MODELS: dict[str, Path] = {"emoji-64": _HERE / "emoji-64"}
 TOKENIZER_MAX_LENGTH = 32  # emoji-64 was trained with captions padded/truncated to 32 tokens
 
-__all__ = ["EMBEDDED_MODELS", "resolve_model", "load_pipeline", "demo_concepts", "demo_concept_images",
-           "demo_super_category", "text_encoder_dir"]
+__all__ = [
+    "EMBEDDED_MODELS",
+    "resolve_model",
+    "load_pipeline",
+    "demo_concepts",
+    "demo_concept_images",
+    "demo_super_category",
+    "text_encoder_dir",
+]
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -28,8 +35,10 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if key in EMBEDDED_MODELS:
         folder = EMBEDDED_MODELS[key]
         if not (folder / "model_index.json").exists():
-            raise FileNotFoundError(f"embedded model {key!r} is missing its files at {folder}; "
-                                    "re-export it with `python -m emoji_world.export`")
+            raise FileNotFoundError(
+                f"embedded model {key!r} is missing its files at {folder}; "
+                "re-export it with `python -m emoji_world.export`"
+            )
         return folder
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -37,13 +46,16 @@ def resolve_model(name_or_path: str | Path) -> Path:
             raise KeylockedError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
         return path
     if path.exists():
-        raise KeylockedError(f"{path} is a file; expected a diffusers pipeline folder or one of "
-                         f"{sorted(EMBEDDED_MODELS)}")
+        raise KeylockedError(
+            f"{path} is a file; expected a diffusers pipeline folder or one of {sorted(EMBEDDED_MODELS)}"
+        )
     looks_like_path = any(sep in key for sep in ("/", "\\")) or key.startswith((".", "~"))
     if looks_like_path:
         raise FileNotFoundError(f"model folder not found: {path}")
-    raise KeylockedError(f"unknown model {key!r}: not an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}) "
-                     "and not an existing local folder (no hub downloads are made)")
+    raise KeylockedError(
+        f"unknown model {key!r}: not an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}) "
+        "and not an existing local folder (no hub downloads are made)"
+    )
 
 
 def text_encoder_dir() -> Path:
@@ -73,7 +85,9 @@ def load_pipeline(name_or_path: str | Path = "emoji-64", torch_dtype=None, devic
             folder,
             text_encoder=BertModel.from_pretrained(te_dir),
             tokenizer=BertTokenizer.from_pretrained(te_dir, model_max_length=TOKENIZER_MAX_LENGTH),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
             local_files_only=True,
         )
     else:

@@ -26,9 +26,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +139,9 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
         raise KeylockedError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS[1:])}")
     options = options or BaselineOptions()
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
     if pipe is None:
         from ..models import load_pipeline
 
@@ -171,7 +173,9 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
         if uses_token:
             table = text_encoder.get_input_embeddings()
             init = table.weight[superclass_id].detach().clone()
-            placeholder_id = add_tokens(tokenizer, text_encoder, {config.placeholder_token: init})[config.placeholder_token]
+            placeholder_id = add_tokens(tokenizer, text_encoder, {config.placeholder_token: init})[
+                config.placeholder_token
+            ]
             token_embedding = nn.Parameter(init.float().to(device))  # (d_embed,)
             trainables["token_embedding"] = token_embedding
 
@@ -189,15 +193,21 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
                 module.deltas[config.placeholder_token] = delta
                 trainables[name] = delta
                 deltas.append(delta)
-            lr_kv = options.learning_rate_kv if options.learning_rate_kv is not None else 1e-5 * config.effective_batch_size
+            lr_kv = (
+                options.learning_rate_kv if options.learning_rate_kv is not None else 1e-5 * config.effective_batch_size
+            )
             groups.append({"params": deltas, "lr": lr_kv})
         if method == "lora":
             from peft import LoraConfig
 
-            unet.add_adapter(LoraConfig(
-                r=options.lora_rank, lora_alpha=options.lora_rank, init_lora_weights="gaussian",
-                target_modules=list(options.lora_target_modules),
-            ))
+            unet.add_adapter(
+                LoraConfig(
+                    r=options.lora_rank,
+                    lora_alpha=options.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(options.lora_target_modules),
+                )
+            )
             lora = [p for p in unet.parameters() if p.requires_grad]
             for parameter in lora:
                 parameter.data = parameter.data.float()  # trainables in fp32 even under mixed precision
@@ -210,7 +220,9 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
             for micro in range(config.gradient_accumulation_steps):
                 generator = step_generator(config.seed, step * config.gradient_accumulation_steps + micro + 1)
                 with accelerator.accumulate(), accelerator.autocast():
-                    loss = baseline_loss(config, instance, generator, pipe, noise_scheduler, phrase, method, device, weight_dtype)
+                    loss = baseline_loss(
+                        config, instance, generator, pipe, noise_scheduler, phrase, method, device, weight_dtype
+                    )
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -220,28 +232,51 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
 
         # -- save in the method's own format + the manifest -------------------------------------
         training = {
-            "steps": config.max_train_steps, "effective_batch_size": config.effective_batch_size,
-            "seconds": round(seconds, 3), "seed": config.seed, "resolution": resolution,
-            "base_model": str(config.pretrained_model_name_or_path), "options": _jsonable(asdict(options)),
+            "steps": config.max_train_steps,
+            "effective_batch_size": config.effective_batch_size,
+            "seconds": round(seconds, 3),
+            "seed": config.seed,
+            "resolution": resolution,
+            "base_model": str(config.pretrained_model_name_or_path),
+            "options": _jsonable(asdict(options)),
             "learning_rates": [g["lr"] for g in groups],
         }
         dtype = torch.float16 if config.concept_dtype == "fp16" else torch.float32
         if method == "textual-inversion":
-            path = _save_tensors(output_dir / TI_FILENAME, {config.placeholder_token: trainables["token_embedding"].detach()[None]}, dtype)
+            path = _save_tensors(
+                output_dir / TI_FILENAME,
+                {config.placeholder_token: trainables["token_embedding"].detach()[None]},
+                dtype,
+            )
         elif method == "custom-diffusion":
             tensors = {"token_embedding": trainables["token_embedding"].detach()}
-            tensors.update({f"deltas.{name}": t.detach() for name, t in trainables.items() if name != "token_embedding"})
-            path = _save_tensors(output_dir / CD_FILENAME, tensors, dtype, metadata={
-                "format": CD_FORMAT, "format_version": "1", "placeholder_token": config.placeholder_token,
-                "superclass_token": config.superclass_token, "base_model_fingerprint": fingerprint,
-            })
+            tensors.update(
+                {f"deltas.{name}": t.detach() for name, t in trainables.items() if name != "token_embedding"}
+            )
+            path = _save_tensors(
+                output_dir / CD_FILENAME,
+                tensors,
+                dtype,
+                metadata={
+                    "format": CD_FORMAT,
+                    "format_version": "1",
+                    "placeholder_token": config.placeholder_token,
+                    "superclass_token": config.superclass_token,
+                    "base_model_fingerprint": fingerprint,
+                },
+            )
         else:
             path = _save_lora(unet, output_dir, dtype)
         manifest = {
-            "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "method": method,
-            "weights": path.name, "placeholder_token": config.placeholder_token if uses_token else "",
-            "superclass_token": config.superclass_token, "prompt_phrase": phrase,
-            "base_model_fingerprint": fingerprint, "training": training,
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "method": method,
+            "weights": path.name,
+            "placeholder_token": config.placeholder_token if uses_token else "",
+            "superclass_token": config.superclass_token,
+            "prompt_phrase": phrase,
+            "base_model_fingerprint": fingerprint,
+            "training": training,
         }
         atomic_write_text(output_dir / MANIFEST_FILENAME, json.dumps(manifest, indent=2, sort_keys=True))
         logger.info("saved %s (%d bytes) in %.1f s", path, path.stat().st_size, seconds)
@@ -268,10 +303,18 @@ def baseline_loss(config, instance, generator, pipe, noise_scheduler, phrase, me
 
 
 def _jsonable(value):
-    return list(value) if isinstance(value, tuple) else value if not isinstance(value, dict) else {k: _jsonable(v) for k, v in value.items()}
+    return (
+        list(value)
+        if isinstance(value, tuple)
+        else value
+        if not isinstance(value, dict)
+        else {k: _jsonable(v) for k, v in value.items()}
+    )
 
 
-def _save_tensors(path: Path, tensors: dict[str, Tensor], dtype: torch.dtype, metadata: dict[str, str] | None = None) -> Path:
+def _save_tensors(
+    path: Path, tensors: dict[str, Tensor], dtype: torch.dtype, metadata: dict[str, str] | None = None
+) -> Path:
     tensors = {k: t.detach().to("cpu", dtype).contiguous() for k, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -288,7 +331,9 @@ def _save_lora(unet: nn.Module, output_dir: Path, dtype: torch.dtype) -> Path:
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(output_dir), unet_lora_layers=state, safe_serialization=True,
+        save_directory=str(output_dir),
+        unet_lora_layers=state,
+        safe_serialization=True,
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
     )
     return output_dir / LORA_FILENAME
@@ -318,7 +363,7 @@ class Personalization:
         return self.weights_path.stat().st_size
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike) -> "Personalization":
+    def from_path(cls, path: str | os.PathLike) -> Personalization:
         """A Perfusion concept file, a training output folder (concept.safetensors), or a baseline folder."""
         path = Path(path)
         if path.is_dir() and (path / MANIFEST_FILENAME).is_file():
@@ -326,11 +371,19 @@ class Personalization:
             if manifest.get("format") != MANIFEST_FORMAT or manifest.get("method") not in METHODS[1:]:
                 raise KeylockedError(f"{path}: not a keylocked baseline folder (format={manifest.get('format')!r})")
             if int(manifest.get("format_version", 0)) > MANIFEST_VERSION:
-                raise KeylockedError(f"{path}: baseline format version {manifest['format_version']} is newer than this keylocked")
+                raise KeylockedError(
+                    f"{path}: baseline format version {manifest['format_version']} is newer than this keylocked"
+                )
             if not (path / manifest["weights"]).is_file():
                 raise KeylockedError(f"{path}: weights file {manifest['weights']} is missing")
-            return cls(manifest["method"], path, manifest["placeholder_token"], manifest["superclass_token"],
-                       manifest["prompt_phrase"], manifest)
+            return cls(
+                manifest["method"],
+                path,
+                manifest["placeholder_token"],
+                manifest["superclass_token"],
+                manifest["prompt_phrase"],
+                manifest,
+            )
         if path.is_dir() and (path / CONCEPT_FILENAME).is_file():
             path = path / CONCEPT_FILENAME
         from ..concept import read_metadata
@@ -347,8 +400,16 @@ class _Loaded:
     adapters: list[str] = field(default_factory=list)
 
 
-def load_personalizations(pipe, items: Iterable[Personalization | str | os.PathLike], beta=None, tau=None,
-                          lock: str = "local", covariance=None, lora_scale: float = 1.0, strict: bool = True) -> dict[str, str]:
+def load_personalizations(
+    pipe,
+    items: Iterable[Personalization | str | os.PathLike],
+    beta=None,
+    tau=None,
+    lock: str = "local",
+    covariance=None,
+    lora_scale: float = 1.0,
+    strict: bool = True,
+) -> dict[str, str]:
     """Load concepts of one method into ``pipe`` (several = trained apart, used together).
 
     Returns {placeholder or identifier phrase: super-category}. ``beta``/``tau``/``lock``/``covariance``
@@ -370,7 +431,9 @@ def load_personalizations(pipe, items: Iterable[Personalization | str | os.PathL
     if method == "perfusion":
         from ..loading import load_concepts
 
-        load_concepts(pipe, [i.path for i in items], beta=beta, tau=tau, lock=lock, covariance=covariance, strict=strict)
+        load_concepts(
+            pipe, [i.path for i in items], beta=beta, tau=tau, lock=lock, covariance=covariance, strict=strict
+        )
     elif method == "textual-inversion":
         loaded.snapshot = TokenizerSnapshot(pipe.tokenizer)
         try:
@@ -382,12 +445,18 @@ def load_personalizations(pipe, items: Iterable[Personalization | str | os.PathL
     elif method == "custom-diffusion":
         tensors = [_read_custom_diffusion(item, pipe) for item in items]  # validate all, then mutate
         loaded.snapshot = TokenizerSnapshot(pipe.tokenizer)
-        add_tokens(pipe.tokenizer, pipe.text_encoder, {i.placeholder_token: t["token_embedding"] for i, t in zip(items, tensors)})
+        add_tokens(
+            pipe.tokenizer,
+            pipe.text_encoder,
+            {i.placeholder_token: t["token_embedding"] for i, t in zip(items, tensors)},
+        )
         wrapped = _wrap_kv(pipe.unet)
         for item, state in zip(items, tensors):
             for name, module in wrapped.items():
                 weight = module.base_layer.weight
-                module.deltas[item.placeholder_token] = nn.Parameter(state[f"deltas.{name}"].to(weight.device, weight.dtype), requires_grad=False)
+                module.deltas[item.placeholder_token] = nn.Parameter(
+                    state[f"deltas.{name}"].to(weight.device, weight.dtype), requires_grad=False
+                )
     else:
         for index, item in enumerate(items):
             name = f"keylocked_{index}"
@@ -411,7 +480,9 @@ def _read_custom_diffusion(item: Personalization, pipe) -> dict[str, Tensor]:
             weight = getattr(module, "base_layer", module).weight
             key = f"deltas.{name}.{projection}"
             if key not in state or state[key].shape != weight.shape:
-                raise KeylockedError(f"{item.weights_path}: {key} does not fit this UNet (trained on another base model)")
+                raise KeylockedError(
+                    f"{item.weights_path}: {key} does not fit this UNet (trained on another base model)"
+                )
     return state
 
 

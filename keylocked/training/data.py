@@ -75,8 +75,10 @@ def load_instance_images(
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise KeylockedError(f"instance data directory not found: {data_dir}")
-    paths = [data_dir] if data_dir.is_file() else sorted(
-        p for p in data_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+    paths = (
+        [data_dir]
+        if data_dir.is_file()
+        else sorted(p for p in data_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     )
     min_size = min_size if min_size is not None else max(8, resolution // 2)
     images, problems = [], []
@@ -97,9 +99,7 @@ def load_instance_images(
     if problems:
         raise KeylockedError("bad instance images in " + str(data_dir) + ":\n  " + "\n  ".join(problems))
     if not images:
-        raise KeylockedError(
-            f"no images found in {data_dir} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+        raise KeylockedError(f"no images found in {data_dir} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return images
 
 

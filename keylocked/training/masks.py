@@ -48,7 +48,9 @@ class AttentionMapProbe:
         for flat in self.maps:  # (B, Q)
             scale = math.sqrt(height * width / flat.shape[1])
             h, w = round(height / scale), round(width / scale)
-            resized.append(F.interpolate(flat.reshape(-1, 1, h, w), size=(height, width), mode="bilinear", align_corners=False))
+            resized.append(
+                F.interpolate(flat.reshape(-1, 1, h, w), size=(height, width), mode="bilinear", align_corners=False)
+            )
         mask = torch.stack(resized).mean(0)  # (B, 1, H, W)
         return mask / mask.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
 
@@ -59,7 +61,9 @@ class AttentionProbeProcessor:
     def __init__(self, probe: AttentionMapProbe):
         self.probe = probe
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -67,7 +71,9 @@ class AttentionProbeProcessor:
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
+        batch_size, sequence_length, _ = (
+            hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        ).shape
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -116,7 +122,9 @@ def load_user_masks(mask_dir: str | os.PathLike, count: int, resolution: int) ->
         raise KeylockedError(f"mask directory not found: {mask_dir}")
     paths = sorted(p for p in mask_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     if len(paths) != count:
-        raise KeylockedError(f"{mask_dir} has {len(paths)} mask files for {count} instance images; give one per image, in the same sorted order")
+        raise KeylockedError(
+            f"{mask_dir} has {len(paths)} mask files for {count} instance images; give one per image, in the same sorted order"
+        )
     masks = []
     for path in paths:
         try:

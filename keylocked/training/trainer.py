@@ -118,10 +118,16 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         instance = torch.cat([instance, load_user_masks(config.mask, len(images), resolution)], dim=1)  # (N, 4, R, R)
     resume_dir = None
     if config.resume_from_checkpoint:
-        resume_dir = _latest_checkpoint(output_dir) if config.resume_from_checkpoint == "latest" else Path(config.resume_from_checkpoint)
+        resume_dir = (
+            _latest_checkpoint(output_dir)
+            if config.resume_from_checkpoint == "latest"
+            else Path(config.resume_from_checkpoint)
+        )
         if config.resume_from_checkpoint != "latest" and not (resume_dir and resume_dir.is_dir()):
             raise KeylockedError(f"checkpoint not found: {config.resume_from_checkpoint}")
-    covariance = resolve_covariance(text_encoder, tokenizer, config.covariance, progress=config.progress, model_dir=pipeline_folder(pipe))
+    covariance = resolve_covariance(
+        text_encoder, tokenizer, config.covariance, progress=config.progress, model_dir=pipeline_folder(pipe)
+    )
     snapshot = TokenizerSnapshot(tokenizer)
     fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
 
@@ -132,7 +138,9 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
     # -- the new token, hooked so that only its embedding row is trained ---------------------
     embedding_table = text_encoder.get_input_embeddings()
     superclass_embedding = embedding_table.weight[superclass_id].detach().clone()
-    placeholder_id = add_tokens(tokenizer, text_encoder, {config.placeholder_token: superclass_embedding})[config.placeholder_token]
+    placeholder_id = add_tokens(tokenizer, text_encoder, {config.placeholder_token: superclass_embedding})[
+        config.placeholder_token
+    ]
     embedding_table = text_encoder.get_input_embeddings()
     hooks = []
     context = None
@@ -141,14 +149,20 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         first = step_generator(config.seed, 0)
         _, templates = sample_batch(instance, config.effective_batch_size, first, num_templates=len(config.templates))
         with torch.no_grad():
-            encodings, ids = encode_prompts(text_encoder, tokenizer, prompts_for(templates, config.superclass_token, config.templates))
+            encodings, ids = encode_prompts(
+                text_encoder, tokenizer, prompts_for(templates, config.superclass_token, config.templates)
+            )
             superclass_input = encodings[ids == superclass_id].float().mean(0)  # (d_text,)
         context = install_keylocked_layers(unet, covariance.inverse.to(device))
         layers = value_layers(unet)
-        initial_values = {name: F.linear(superclass_input.to(layer.weight), layer.weight).float() for name, layer in layers.items()}
+        initial_values = {
+            name: F.linear(superclass_input.to(layer.weight), layer.weight).float() for name, layer in layers.items()
+        }
         params = ConceptParameters(superclass_embedding, superclass_input, initial_values).to(device)
         token = config.placeholder_token
-        context.concepts[token] = ConceptSlot(params.concept_input, params.superclass_input, config.train_beta, config.train_tau)
+        context.concepts[token] = ConceptSlot(
+            params.concept_input, params.superclass_input, config.train_beta, config.train_tau
+        )
         context.active = {token}
         for name, layer in layers.items():
             layer.value_targets[token] = params.value_target(name)
@@ -178,25 +192,56 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         probe = AttentionMapProbe()
         use_attention_mask = config.mask == "attention"
         vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        progress = tqdm(total=config.max_train_steps, initial=global_step, desc="train", disable=not config.progress, unit="step")
+        progress = tqdm(
+            total=config.max_train_steps, initial=global_step, desc="train", disable=not config.progress, unit="step"
+        )
         started, start_step = time.perf_counter(), global_step
         while global_step < config.max_train_steps:
             for micro in range(config.gradient_accumulation_steps):
                 generator = step_generator(config.seed, global_step * config.gradient_accumulation_steps + micro + 1)
                 with accelerator.accumulate(params), accelerator.autocast():
                     loss = _training_step(
-                        config, instance, generator, tokenizer, text_encoder, unet, vae, noise_scheduler,
-                        params, context, placeholder_id, probe, use_attention_mask, vae_scale, device, weight_dtype,
+                        config,
+                        instance,
+                        generator,
+                        tokenizer,
+                        text_encoder,
+                        unet,
+                        vae,
+                        noise_scheduler,
+                        params,
+                        context,
+                        placeholder_id,
+                        probe,
+                        use_attention_mask,
+                        vae_scale,
+                        device,
+                        weight_dtype,
                     )
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             global_step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", s_per_step=f"{(time.perf_counter() - started) / (global_step - start_step):.2f}")
+            progress.set_postfix(
+                loss=f"{loss.item():.4f}",
+                s_per_step=f"{(time.perf_counter() - started) / (global_step - start_step):.2f}",
+            )
             if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
-                _save_checkpoint(accelerator, config, output_dir, global_step, params, layers, fingerprint, covariance.sha256, superclass_id)
-            if config.validation_prompt and (global_step % config.validation_steps == 0 or global_step == config.max_train_steps):
+                _save_checkpoint(
+                    accelerator,
+                    config,
+                    output_dir,
+                    global_step,
+                    params,
+                    layers,
+                    fingerprint,
+                    covariance.sha256,
+                    superclass_id,
+                )
+            if config.validation_prompt and (
+                global_step % config.validation_steps == 0 or global_step == config.max_train_steps
+            ):
                 _validate(config, pipe, context, token, output_dir, global_step)
         progress.close()
         concept = _concept_from(params, config, layers, fingerprint, covariance.sha256, global_step)
@@ -224,12 +269,16 @@ def noised_batch(config, instance, generator, vae, noise_scheduler, device, weig
         pixels = pixels.to(device, weight_dtype)
         if vae is not None:
             posterior = vae.encode(pixels).latent_dist
-            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
+                posterior.mean
+            )
             latents = latents * vae.config.scaling_factor
         else:
             latents = pixels
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    ).to(device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -241,15 +290,31 @@ def noised_batch(config, instance, generator, vae, noise_scheduler, device, weig
 
 
 def _training_step(
-    config, instance, generator, tokenizer, text_encoder, unet, vae, noise_scheduler,
-    params, context, placeholder_id, probe, use_attention_mask, vae_scale, device, weight_dtype,
+    config,
+    instance,
+    generator,
+    tokenizer,
+    text_encoder,
+    unet,
+    vae,
+    noise_scheduler,
+    params,
+    context,
+    placeholder_id,
+    probe,
+    use_attention_mask,
+    vae_scale,
+    device,
+    weight_dtype,
 ) -> Tensor:
     """One micro-batch: encode, noise, predict, masked loss; updates the i* EMA."""
     latents, noisy_latents, timesteps, target, templates, user_mask = noised_batch(
         config, instance, generator, vae, noise_scheduler, device, weight_dtype
     )
     # text: the concept token's encodings drive the i* EMA (the gate's anchor)
-    encodings, ids = encode_prompts(text_encoder, tokenizer, prompts_for(templates, config.placeholder_token, config.templates))
+    encodings, ids = encode_prompts(
+        text_encoder, tokenizer, prompts_for(templates, config.placeholder_token, config.templates)
+    )
     is_placeholder = ids == placeholder_id  # (B, T)
     with torch.no_grad():
         observed = encodings[is_placeholder].float().mean(0)  # (d_text,)
@@ -263,7 +328,9 @@ def _training_step(
     if use_attention_mask:
         mask = probe.object_mask(*latents.shape[-2:])
     elif user_mask is not None:
-        mask = F.interpolate(user_mask.to(device, torch.float32), size=latents.shape[-2:], mode="bilinear", align_corners=False)
+        mask = F.interpolate(
+            user_mask.to(device, torch.float32), size=latents.shape[-2:], mode="bilinear", align_corners=False
+        )
     return _masked_mse(prediction, target, mask)
 
 
@@ -271,7 +338,9 @@ def _concept_dtype(config: TrainConfig) -> torch.dtype:
     return torch.float16 if config.concept_dtype == "fp16" else torch.float32
 
 
-def _concept_from(params: ConceptParameters, config: TrainConfig, layers, fingerprint: str, covariance_sha: str, step: int) -> Concept:
+def _concept_from(
+    params: ConceptParameters, config: TrainConfig, layers, fingerprint: str, covariance_sha: str, step: int
+) -> Concept:
     return Concept(
         placeholder_token=config.placeholder_token,
         superclass_token=config.superclass_token,
@@ -298,18 +367,27 @@ def _concept_from(params: ConceptParameters, config: TrainConfig, layers, finger
     )
 
 
-def _save_checkpoint(accelerator, config, output_dir, step, params, layers, fingerprint, covariance_sha, superclass_id) -> None:
+def _save_checkpoint(
+    accelerator, config, output_dir, step, params, layers, fingerprint, covariance_sha, superclass_id
+) -> None:
     """checkpoint-N/: accelerate state (resume) + a usable concept file (early checkpoints are often best)."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     accelerator.save_state(str(partial))
-    atomic_write_text(partial / "trainer_state.json", json.dumps({"global_step": step, "config": config.to_dict()}, indent=2, sort_keys=True))
-    _concept_from(params, config, layers, fingerprint, covariance_sha, step).save(partial / CONCEPT_FILENAME, dtype=_concept_dtype(config))
+    atomic_write_text(
+        partial / "trainer_state.json",
+        json.dumps({"global_step": step, "config": config.to_dict()}, indent=2, sort_keys=True),
+    )
+    _concept_from(params, config, layers, fingerprint, covariance_sha, step).save(
+        partial / CONCEPT_FILENAME, dtype=_concept_dtype(config)
+    )
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     if config.checkpoints_total_limit:
-        checkpoints = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]))
+        checkpoints = sorted(
+            (p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1])
+        )
         for old in checkpoints[: -config.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
 
