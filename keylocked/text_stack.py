@@ -19,14 +19,21 @@ encoders. Perfusion's ``i*``, ``i*_super`` and ``C`` live in the concatenated d_
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .base_model import KeylockedError, single_token_id, text_encoder_fingerprint, tokenize
+from .base_model import (
+    KeylockedError,
+    _hash_tensors,
+    cross_attention_layers,
+    single_token_id,
+    text_encoder_fingerprint,
+    tokenize,
+)
 from .tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
 
 
@@ -183,6 +190,61 @@ class TextStack:
         if len(prints) == 1:
             return prints[0]  # the single-encoder fingerprint of keylocked ≤ 0.1: old files still match
         return hashlib.sha256(":".join(f"{s.key}={p}" for s, p in zip(self.slots, prints)).encode()).hexdigest()
+
+    def base_model_fingerprint(self, unet: nn.Module, vocab_sizes: list[int] | None = None) -> str:
+        """sha256 over the text encoder(s) and the cross-attention K/V weights: what a concept depends on."""
+        digest = hashlib.sha256(self.fingerprint(vocab_sizes).encode())
+
+        def named() -> Iterator[tuple[str, Tensor]]:
+            for name, layer in cross_attention_layers(unet).items():
+                for projection in ("to_k", "to_v"):
+                    module = getattr(layer, projection)
+                    yield f"{name}.{projection}", getattr(module, "base_layer", module).weight
+
+        digest.update(_hash_tensors(named()).encode())
+        return digest.hexdigest()
+
+    # -- global locking -------------------------------------------------------------------------
+    def register_twin_hooks(
+        self,
+        swaps: Callable[[int], dict[int, int]],
+        on_pair: Callable[[int, Tensor, Tensor], None],
+    ) -> list:
+        """Forward hooks on every encoder for global locking: when a prompt holds a token that
+        ``swaps(slot_index)`` maps (concept token id -> super-category id), encode it again with
+        the swap and report ``on_pair(slot_index, encodings, twin_encodings)``. Returns the handles."""
+        handles = []
+        for index, slot in enumerate(self.slots):
+            handles.append(
+                slot.text_encoder.register_forward_hook(self._twin_hook(index, swaps, on_pair), with_kwargs=True)
+            )
+        return handles
+
+    def _twin_hook(self, index: int, swaps, on_pair):
+        busy = [False]
+
+        def hook(module, args, kwargs, output):
+            table = swaps(index)
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            if busy[0] or not table or input_ids is None:
+                return None
+            encodings = self.encoding_from_output(output)
+            if encodings is None:
+                return None  # e.g. clip_skip read another hidden state: nothing to pair with
+            swapped = input_ids.clone()
+            for token_id, superclass_id in table.items():
+                swapped[input_ids == token_id] = superclass_id
+            if torch.equal(swapped, input_ids):
+                return None
+            busy[0] = True
+            try:
+                twin = module(swapped, *args[1:], **kwargs)
+            finally:
+                busy[0] = False
+            on_pair(index, encodings, self.encoding_from_output(twin))
+            return None
+
+        return hook
 
     def split(self, encodings: Tensor) -> list[Tensor]:
         """(…, d_text) -> one (…, width) part per encoder."""
