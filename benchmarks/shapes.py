@@ -136,9 +136,10 @@ def build_pipeline(family: str, device: str = "cpu", dtype: torch.dtype = torch.
 
     tiny = family.endswith("-tiny")
     xl = family.startswith("sdxl")
-    folder = Path(tempfile.mkdtemp(prefix="keylocked-shapes-"))
     max_length = 16 if tiny else 77
-    tokenizer = clip_tokenizer(folder / "tokenizer", max_length)
+    with tempfile.TemporaryDirectory(prefix="keylocked-shapes-") as folder:  # read at construction
+        tokenizer = clip_tokenizer(Path(folder) / "tokenizer", max_length)
+        tokenizer_2 = clip_tokenizer(Path(folder) / "tokenizer_2", max_length, pad_token="!")
     torch.manual_seed(seed)
     # building on the target device skips a slow CPU initialisation of billions of weights
     with torch.device(device):
@@ -182,7 +183,7 @@ def build_pipeline(family: str, device: str = "cpu", dtype: torch.dtype = torch.
             text_encoder=text_encoder,
             text_encoder_2=text_encoder_2,
             tokenizer=tokenizer,
-            tokenizer_2=clip_tokenizer(folder / "tokenizer_2", max_length, pad_token="!"),
+            tokenizer_2=tokenizer_2,
             unet=unet,
             scheduler=EulerDiscreteScheduler(
                 beta_start=0.00085,

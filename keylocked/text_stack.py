@@ -136,7 +136,9 @@ class TextStack:
         (None when the call did not produce them, e.g. no hidden states requested)."""
         raise NotImplementedError
 
-    def unet_conditioning(self, encoded: EncodedPrompts, height: int, width: int) -> dict[str, Any]:
+    def unet_conditioning(
+        self, encoded: EncodedPrompts, height: int, width: int, dtype: torch.dtype | None = None
+    ) -> dict[str, Any]:
         """Extra keyword arguments of the UNet call for these prompts at this image size."""
         return {}
 
@@ -323,7 +325,9 @@ class StableDiffusionXLTextStack(TextStack):
         hidden_states = getattr(output, "hidden_states", None)
         return None if hidden_states is None else hidden_states[-2]
 
-    def unet_conditioning(self, encoded: EncodedPrompts, height: int, width: int) -> dict[str, Any]:
+    def unet_conditioning(
+        self, encoded: EncodedPrompts, height: int, width: int, dtype: torch.dtype | None = None
+    ) -> dict[str, Any]:
         """SDXL's added conditions: pooled text embeds + (original size, crop top-left, target size).
 
         Training images are resized and center-cropped to the target size, so the time ids are
@@ -333,10 +337,9 @@ class StableDiffusionXLTextStack(TextStack):
             raise KeylockedError(
                 "SDXL's second text encoder gave no pooled output (not a CLIPTextModelWithProjection?)"
             )
-        batch = encoded.pooled.shape[0]
-        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=encoded.pooled.dtype)
-        time_ids = time_ids.to(encoded.pooled.device).expand(batch, 6)  # (B, 6)
-        return {"added_cond_kwargs": {"text_embeds": encoded.pooled, "time_ids": time_ids}}
+        pooled = encoded.pooled.to(dtype or encoded.pooled.dtype)  # (B, d_pooled)
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], 6)}}
 
 
 # Most specific first: the first family whose ``matches`` accepts the pipeline is used.
@@ -352,3 +355,12 @@ def text_stack(pipe) -> TextStack:
         f"{type(pipe).__name__} is not a supported text-to-image pipeline "
         f"(supported: {', '.join(f.family for f in TEXT_STACKS)})"
     )
+
+
+def as_text_stack(text: TextStack | nn.Module, tokenizer=None) -> TextStack:
+    """A text stack as given, or the one-encoder stack of a text encoder and its tokenizer."""
+    if isinstance(text, TextStack):
+        return text
+    if tokenizer is None:
+        raise TypeError("a text encoder needs its tokenizer")
+    return StableDiffusionTextStack([TextEncoderSlot("token_embedding", tokenizer, text)])
