@@ -55,18 +55,21 @@ def check_new_token(tokenizer, token: str) -> None:
     backend = getattr(tokenizer, "_tokenizer", None)
     normalizer = getattr(backend, "normalizer", None)
     forms = {_fold(token)} | ({normalizer.normalize_str(token)} if normalizer is not None else set())
-    for word in _vocabulary_words(tokenizer):
-        for form in forms:
-            if form == word or form == _fold(word):
-                raise KeylockedError(
-                    f"placeholder token {token!r} already exists in the tokenizer's vocabulary as {word!r} "
-                    "(the tokenizer ignores case or accents); choose a new word such as '<my-teddy>'"
-                )
-            if form in word:
-                raise KeylockedError(
-                    f"placeholder token {token!r} occurs inside the existing word {word!r} and would split it; "
-                    "choose a new word such as '<my-teddy>'"
-                )
+    words = _vocabulary_words(tokenizer)
+    folded = {_fold(word): word for word in sorted(words)}
+    for form in sorted(forms):
+        word = folded.get(form, form if form in words else None)
+        if word is not None:
+            raise KeylockedError(
+                f"placeholder token {token!r} already exists in the tokenizer's vocabulary as {word!r} "
+                "(the tokenizer ignores case or accents); choose a new word such as '<my-teddy>'"
+            )
+    for word in sorted(words):
+        if any(form in word for form in forms):
+            raise KeylockedError(
+                f"placeholder token {token!r} occurs inside the existing word {word!r} and would split it; "
+                "choose a new word such as '<my-teddy>'"
+            )
     if hasattr(backend, "to_str"):
         _check_kept_whole(backend, token)
 
