@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from keylocked.perfusion import (
-    concept_gate,
     concept_correlation,
+    concept_gate,
     concept_gram,
     concept_scores,
     invert_covariance,
