@@ -183,4 +183,4 @@ def _is_count(value: object) -> bool:
 
 
 def _bad(path: Path, why: str) -> KeylockedError:
-    return KeylockedError(f"{path}: not a valid safetensors file ({why})")
+    return KeylockedError(f"{path}: not a readable safetensors file ({why})")
