@@ -448,6 +448,21 @@ def test_disk_full_leaves_no_partial_file(pipe, tmp_path, monkeypatch):
     assert target.read_bytes() == original  # the previous file untouched
 
 
+def test_disk_full_in_keylocked_covariance_is_one_error_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from keylocked.cli import main
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a photo of a bear\na cup on a table\n")
+    output = tmp_path / "out" / "cov.safetensors"
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    argv = ["covariance", "--pretrained_model_name_or_path", str(tiny_model_dir), "--captions", str(captions)]
+    code = main([*argv, "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "No space left on device" in err
+    assert list(output.parent.iterdir()) == []  # no partial or temporary file
+
+
 # ---------------------------------------------------------------------------------------
 # 8. Byte-identical files.
 
