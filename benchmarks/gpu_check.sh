@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 12): one script, at most 8 minutes on one GPU.
-#   1. the test suite on CUDA (tests/test_gpu.py runs the fp16 and bf16 paths; the rest train on
-#      CUDA wherever accelerate picks it),
+#   1. the test suite on CUDA: tests/test_gpu.py (fp16 and bf16 training and inference, gradient
+#      checkpointing) must pass; the whole suite runs too (accelerate trains on CUDA) and is recorded,
 #   2. SD 1.5- and SDXL-shaped random-weight inference with 0/1/3 concepts (ratios vs stock, one run),
 #   3. a Perfusion training step vs a plain UNet forward+backward (SD 1.5 and SDXL shapes),
 #   4. a 400-step × batch 16 SD 1.5-shaped training run: time and peak memory.
@@ -34,10 +34,13 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, record its exit
 if [[ -z "$SMOKE" ]]; then
   command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --smoke on CPU')" || exit 2
-  part pytest 150 bash -c "python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tail -n 60 > '$OUT/pytest.txt'; exit \${PIPESTATUS[0]}"
+  # the CUDA paths (fp16, bf16, gradient checkpointing) must pass; the whole suite then runs with
+  # CUDA visible (accelerate trains there) and its pass/fail counts are recorded, not fatal
+  part pytest-cuda 45 bash -c "python -m pytest tests/test_gpu.py -q -p no:cacheprovider > '$OUT/pytest-cuda.txt' 2>&1"
+  part pytest-suite 100 bash -c "python -m pytest tests -q -p no:cacheprovider --junitxml='$OUT/pytest-suite.xml' 2>&1 | tail -n 80 > '$OUT/pytest-suite.txt'; exit \${PIPESTATUS[0]}"
 fi
-part inference 110 python benchmarks/gpu_check.py inference $SMOKE --output "$OUT"
-part train-step 70 python benchmarks/gpu_check.py train-step $SMOKE --output "$OUT"
-part long-run 150 python benchmarks/gpu_check.py long-run $SMOKE --output "$OUT"
+part inference 100 python benchmarks/gpu_check.py inference $SMOKE --output "$OUT"
+part train-step 60 python benchmarks/gpu_check.py train-step $SMOKE --output "$OUT"
+part long-run 170 python benchmarks/gpu_check.py long-run $SMOKE --output "$OUT"
 echo "gpu check: $(( $(date +%s) - started )) s, results in $OUT (exit status per part: $OUT/parts.jsonl)"
 exit $status

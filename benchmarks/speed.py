@@ -150,7 +150,7 @@ def random_concepts(pipe, count: int) -> list:
         Concept(
             placeholder_token=f"<c{i}>",
             superclass_token=words[i % len(words)],
-            token_embedding=torch.randn(d_embed, generator=generator),
+            token_embeddings=torch.randn(d_embed, generator=generator),
             concept_input=torch.randn(d_text, generator=generator),
             superclass_input=torch.randn(d_text, generator=generator),
             value_targets={

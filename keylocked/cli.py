@@ -40,6 +40,7 @@ TRAIN_HELP = {
     "covariance": "covariance file from `keylocked covariance` (default: the cached vocabulary covariance)",
     "inference_beta": "recommended inference beta written into the concept file",
     "inference_tau": "recommended inference tau written into the concept file",
+    "gradient_checkpointing": "recompute UNet activations in the backward pass: less GPU memory, slower steps",
 }
 GENERATE_FLAGS: dict[str, dict[str, Any]] = {
     "concepts": dict(
@@ -126,6 +127,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace):
 def _covariance(args: argparse.Namespace) -> None:
     from .covariance import estimate_covariance, read_captions
     from .models import load_pipeline
+    from .text_stack import text_stack
 
     captions = read_captions(args.captions) if args.captions else None
     output = Path(args.output)
@@ -133,7 +135,7 @@ def _covariance(args: argparse.Namespace) -> None:
         raise KeylockedError(f"--output {output} is a folder; give a file name")
     pipe = load_pipeline(args.pretrained_model_name_or_path)
     covariance = estimate_covariance(
-        pipe.text_encoder, pipe.tokenizer, captions, corpus_name=str(args.captions) if args.captions else None
+        text_stack(pipe), prompts=captions, corpus_name=str(args.captions) if args.captions else None
     )
     covariance.save(output)
     for label in ("count", "condition_number", "ridge", "corpus"):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .base_model import KeylockedError
 from .io import read_safetensors_header, save_safetensors
+from .text_stack import TEXT_STACKS
 from .validation import (
     check_beta,
     check_finite_tensor,
@@ -26,8 +27,11 @@ from .validation import (
 )
 
 FORMAT_NAME = "keylocked.perfusion.concept"
-FORMAT_VERSION = 1
+# 2: one token embedding per text encoder, named by the model family's text stack ("token_embedding"
+#    for one encoder, as in version 1; "clip_l" / "clip_g" on SDXL, its textual-inversion convention)
+FORMAT_VERSION = 2
 VALUE_PREFIX = "value_targets."
+INPUT_NAMES = ("concept_input", "superclass_input")
 
 
 @dataclass
@@ -39,7 +43,9 @@ class Concept:
 
     placeholder_token: str
     superclass_token: str
-    token_embedding: Tensor  # (d_embed,)  the new token's input word embedding
+    # text encoder key -> (d_embed,) the new token's input word embedding in that encoder
+    # (a single Tensor is taken as the one encoder's "token_embedding")
+    token_embeddings: dict[str, Tensor]
     concept_input: Tensor  # (d_text,)  i*: EMA of the concept token's encoding
     superclass_input: Tensor  # (d_text,)  i*_super: mean encoding of the super-category word
     value_targets: dict[str, Tensor]  # cross-attention layer path -> (out,)  o*_V
@@ -52,6 +58,8 @@ class Concept:
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.token_embeddings, Tensor):
+            self.token_embeddings = {"token_embedding": self.token_embeddings}
         check_token_text(self.placeholder_token)
         for name in ("train_beta", "beta"):
             setattr(self, name, check_beta(getattr(self, name), name))
@@ -63,12 +71,21 @@ class Concept:
     def name(self) -> str:
         return self.placeholder_token
 
+    @property
+    def token_embedding(self) -> Tensor:
+        """The embedding of a single-encoder concept (SD 1.x/2.x)."""
+        if len(self.token_embeddings) != 1:
+            raise KeylockedError(
+                f"{self.placeholder_token} has one embedding per text encoder ({sorted(self.token_embeddings)})"
+            )
+        return next(iter(self.token_embeddings.values()))
+
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.tensors().values())
 
     def tensors(self) -> dict[str, Tensor]:
         tensors = {
-            "token_embedding": self.token_embedding,
+            **self.token_embeddings,
             "concept_input": self.concept_input,
             "superclass_input": self.superclass_input,
         }
@@ -114,7 +131,7 @@ class Concept:
         return cls(
             placeholder_token=metadata["placeholder_token"],
             superclass_token=metadata["superclass_token"],
-            token_embedding=tensors["token_embedding"],
+            token_embeddings={k: t for k, t in tensors.items() if k in EMBEDDING_NAMES},
             concept_input=tensors["concept_input"],
             superclass_input=tensors["superclass_input"],
             value_targets={k[len(VALUE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(VALUE_PREFIX)},
@@ -132,24 +149,31 @@ class Concept:
 class ConceptDims:
     """The widths a concept must have to fit one pipeline."""
 
-    embed_dim: int  # text encoder input embedding width
-    text_dim: int  # text encoder output width
+    embed_dims: dict[str, int]  # text encoder key -> its input embedding width (SDXL: clip_l, clip_g)
+    text_dim: int  # width of what the cross-attention sees (SDXL: both encoders concatenated)
     value_widths: dict[str, int]  # cross-attention layer path -> to_v.out_features
 
 
 MAX_WIDTH = 1 << 16  # no text encoder or attention layer is this wide; bounds what a header may claim
 MAX_LAYERS = 4096
-VECTOR_NAMES = ("token_embedding", "concept_input", "superclass_input")
+# the token-embedding names of every model family (text_stack.TEXT_STACKS); a file holds one family's set
+EMBEDDING_SETS = tuple(family.embedding_keys for family in TEXT_STACKS)
+EMBEDDING_NAMES = tuple(dict.fromkeys(key for keys in EMBEDDING_SETS for key in keys))
 
 
 def check_concept_shapes(shapes: dict[str, tuple[int, ...]], dims: ConceptDims | None = None, source: str = "") -> None:
     """The tensor names and shapes of a concept: from a file header or a ``Concept``, one rule for both."""
     where = f"{source}: " if source else ""
-    missing = [name for name in VECTOR_NAMES if name not in shapes]
+    embeddings = tuple(name for name in EMBEDDING_NAMES if name in shapes)
+    missing = [name for name in INPUT_NAMES if name not in shapes]
+    if not embeddings:
+        missing.append(" or ".join("+".join(keys) for keys in EMBEDDING_SETS))
     layers = {k[len(VALUE_PREFIX) :]: shape for k, shape in shapes.items() if k.startswith(VALUE_PREFIX)}
     if missing or not layers:
         raise KeylockedError(f"{where}not a complete keylocked concept (missing {missing or 'value targets'})")
-    unexpected = sorted(set(shapes) - set(VECTOR_NAMES) - {VALUE_PREFIX + k for k in layers})
+    if sorted(embeddings) not in [sorted(keys) for keys in EMBEDDING_SETS]:
+        raise KeylockedError(f"{where}token embeddings {list(embeddings)} are not one model family's {EMBEDDING_SETS}")
+    unexpected = sorted(set(shapes) - set(INPUT_NAMES) - set(embeddings) - {VALUE_PREFIX + k for k in layers})
     if unexpected or len(layers) > MAX_LAYERS:
         raise KeylockedError(f"{where}unexpected tensors in a concept file: {unexpected[:3] or len(layers)}")
     for name, shape in shapes.items():
@@ -162,10 +186,11 @@ def check_concept_shapes(shapes: dict[str, tuple[int, ...]], dims: ConceptDims |
         )
     if dims is None:
         return
-    if shapes["token_embedding"][0] != dims.embed_dim or shapes["concept_input"][0] != dims.text_dim:
+    widths = {name: shapes[name][0] for name in embeddings}
+    if widths != dims.embed_dims or shapes["concept_input"][0] != dims.text_dim:
         raise KeylockedError(
             f"{where}concept was trained on a text encoder of width {shapes['concept_input'][0]} "
-            f"(embedding {shapes['token_embedding'][0]}); this model's is {dims.text_dim} ({dims.embed_dim})"
+            f"(embeddings {widths}); this model's is {dims.text_dim} ({dims.embed_dims})"
         )
     if set(layers) != set(dims.value_widths):
         missing_layers = sorted(set(dims.value_widths) - set(layers))[:3]

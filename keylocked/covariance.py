@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .base_model import KeylockedError, text_encoder_fingerprint, tokenize
+from .base_model import KeylockedError
 from .io import read_safetensors_header, save_safetensors
 from .perfusion import SecondMomentAccumulator, invert_covariance
+from .text_stack import TextStack, as_text_stack
 from .validation import check_covariance_inverse, check_finite_tensor, check_float_dtype, check_format_version
 
 FORMAT_NAME = "keylocked.covariance"
@@ -144,25 +145,26 @@ def read_captions(path: str | os.PathLike) -> list[str]:
 
 @torch.no_grad()
 def estimate_covariance(
-    text_encoder: nn.Module,
-    tokenizer,
+    text: TextStack | nn.Module,
+    tokenizer=None,
     prompts: Iterable[str] | None = None,
     batch_size: int = 64,
     ridge: float = 1e-4,
     corpus_name: str | None = None,
     progress: bool = True,
 ) -> Covariance:
-    """C = E[e eᵀ] over the real-text positions of a caption corpus (float64), then C⁻¹."""
-    prompts = list(prompts) if prompts is not None else vocabulary_prompts(tokenizer)
+    """C = E[e eᵀ] over the real-text positions of a caption corpus (float64), then C⁻¹.
+
+    ``text``: the model's text stack (SDXL: the two encoders' concatenated encodings, 2048-d),
+    or one text encoder and its ``tokenizer``.
+    """
+    stack = as_text_stack(text, tokenizer)
+    prompts = list(prompts) if prompts is not None else vocabulary_prompts(stack.tokenizer)
     corpus_name = corpus_name or ("tokenizer-vocabulary-templates" if prompts else "empty")
-    accumulator = SecondMomentAccumulator(int(text_encoder.config.hidden_size))
-    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    accumulator = SecondMomentAccumulator(stack.d_text)
     for start in tqdm(range(0, len(prompts), batch_size), desc="covariance", disable=not progress, unit="batch"):
-        tokens = tokenize(tokenizer, prompts[start : start + batch_size])
-        input_ids = tokens.input_ids.to(text_encoder.device)
-        mask = tokens.attention_mask.to(text_encoder.device)
-        encodings = text_encoder(input_ids, attention_mask=mask if use_mask else None)[0]  # (B, T, d)
-        accumulator.update(encodings[mask.bool()])  # (N_real, d)
+        encoded = stack.encode(prompts[start : start + batch_size])
+        accumulator.update(encoded.encodings[encoded.attention_mask.bool()])  # (N_real, d_text)
     if accumulator.count == 0:
         raise KeylockedError("the covariance corpus is empty: no text positions were encoded")
     moment = check_finite_tensor("the text encoder's outputs (covariance)", accumulator.second_moment())
@@ -170,7 +172,7 @@ def estimate_covariance(
         raise KeylockedError("the text encoder's outputs are all zero; cannot estimate a covariance")
     inverse, added_ridge, condition = invert_covariance(moment, ridge=ridge)
     check_covariance_inverse("the estimated covariance inverse", inverse.float())
-    fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
+    fingerprint = stack.fingerprint()
     info = {
         "corpus": corpus_name,
         "num_prompts": str(len(prompts)),
@@ -205,11 +207,12 @@ def _bundled_covariances() -> list[Path]:
 
 
 def default_covariance(
-    text_encoder: nn.Module, tokenizer, progress: bool = True, model_dir: str | os.PathLike | None = None
+    text: TextStack | nn.Module, tokenizer=None, progress: bool = True, model_dir: str | os.PathLike | None = None
 ) -> Covariance:
-    """This text encoder's covariance: one bundled with the model (``model_dir`` or an embedded
+    """The text stack's covariance: one bundled with the model (``model_dir`` or an embedded
     model) if its fingerprint matches, else the vocabulary-corpus one, computed once and cached."""
-    fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
+    stack = as_text_stack(text, tokenizer)
+    fingerprint = stack.fingerprint()
     path = cache_dir() / f"{fingerprint[:32]}-vocab-v{FORMAT_VERSION}.safetensors"
     candidates = ([Path(model_dir) / BUNDLED_FILENAME] if model_dir else []) + _bundled_covariances() + [path]
     for candidate in candidates:
@@ -220,7 +223,7 @@ def default_covariance(
                 continue  # a corrupt cache entry is recomputed
             if covariance.text_encoder_fingerprint == fingerprint:
                 return covariance
-    covariance = estimate_covariance(text_encoder, tokenizer, progress=progress)
+    covariance = estimate_covariance(stack, progress=progress)
     try:
         covariance.save(path)
     except (OSError, KeylockedError):
@@ -229,17 +232,18 @@ def default_covariance(
 
 
 def resolve_covariance(
-    text_encoder: nn.Module,
-    tokenizer,
+    text: TextStack | nn.Module,
+    tokenizer=None,
     path: str | os.PathLike | None = None,
     progress: bool = True,
     model_dir: str | os.PathLike | None = None,
 ) -> Covariance:
-    """The covariance at ``path`` (checked against the text encoder), or the default one."""
+    """The covariance at ``path`` (checked against the text stack), or the default one."""
+    stack = as_text_stack(text, tokenizer)
     if path is None:
-        return default_covariance(text_encoder, tokenizer, progress=progress, model_dir=model_dir)
-    covariance = Covariance.load(path, dim=int(text_encoder.config.hidden_size))
-    fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
+        return default_covariance(stack, progress=progress, model_dir=model_dir)
+    covariance = Covariance.load(path, dim=stack.d_text)
+    fingerprint = stack.fingerprint()
     if covariance.text_encoder_fingerprint and covariance.text_encoder_fingerprint != fingerprint:
         raise KeylockedError(f"{path}: covariance was estimated for another text encoder")
     return covariance

@@ -37,7 +37,8 @@ def _describe_concept(path: Path, common: dict[str, Any]) -> dict[str, Any]:
         "base model fingerprint": concept.base_model_fingerprint or "(none)",
         "covariance sha256": concept.covariance_sha256 or "(none)",
         "parameters": concept.num_parameters(),
-        "token embedding width": concept.token_embedding.shape[0],
+        # one embedding per text encoder: a number for SD 1.x/2.x, {"clip_l": 768, "clip_g": 1280} on SDXL
+        "token embedding width": _embedding_widths(concept),
         "text encoding width": concept.concept_input.shape[0],
         "recommended beta": concept.beta,
         "recommended tau": concept.temperature,
@@ -46,6 +47,11 @@ def _describe_concept(path: Path, common: dict[str, Any]) -> dict[str, Any]:
         "training": json.dumps(concept.training, sort_keys=True),
         "layers": {name: target.shape[0] for name, target in concept.value_targets.items()},
     }
+
+
+def _embedding_widths(concept) -> int | dict[str, int]:
+    widths = {key: int(e.shape[0]) for key, e in concept.token_embeddings.items()}
+    return next(iter(widths.values())) if len(widths) == 1 else widths
 
 
 def _describe_covariance(path: Path, common: dict[str, Any]) -> dict[str, Any]:

@@ -39,10 +39,11 @@ class KeyLockedContext:
     concepts: dict[str, ConceptSlot] = field(default_factory=dict)
     active: set[str] = field(default_factory=set)
     lock: Lock = "local"
-    # Global locking: pairs (concept-prompt encodings, same prompt with each concept token
-    # replaced by its super-category word), registered by a text-encoder hook; the key path
-    # looks its input up here.
-    global_key_pairs: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    # Global locking: per text encoder, pairs (concept-prompt encodings, same prompt with each
+    # concept token replaced by its super-category word), registered by text-encoder hooks; the
+    # key path splits its input into the encoders' widths and looks each part up here.
+    global_key_pairs: list[tuple[int, Tensor, Tensor]] = field(default_factory=list)
+    encoder_widths: list[int] = field(default_factory=list)  # per text encoder; empty: one encoder
     revision: int = 0  # bumped on every change, invalidates the per-prompt caches
 
     def active_names(self) -> list[str]:
@@ -51,21 +52,31 @@ class KeyLockedContext:
     def touch(self) -> None:
         self.revision += 1
 
-    def register_global_pair(self, concept_encodings: Tensor, superclass_encodings: Tensor) -> None:
-        self.global_key_pairs.append((concept_encodings.detach(), superclass_encodings.detach()))
-        del self.global_key_pairs[:-32]  # bounded: only recent prompts matter
+    def register_global_pair(self, encoder: int, concept_encodings: Tensor, superclass_encodings: Tensor) -> None:
+        self.global_key_pairs.append((encoder, concept_encodings.detach(), superclass_encodings.detach()))
+        del self.global_key_pairs[: -32 * max(1, len(self.encoder_widths))]  # bounded: only recent prompts matter
 
     def key_path_encodings(self, encodings: Tensor) -> Tensor:
-        """Global lock: swap each row that is a registered concept prompt for its superclass twin."""
+        """Global lock: swap each row that is a registered concept prompt for its superclass twin.
+
+        With several text encoders (SDXL) a row is the encoders' outputs concatenated: each part
+        is matched in its own encoder's pairs, and the row is swapped only when every part is."""
         if not self.global_key_pairs:
             return encodings
+        widths = self.encoder_widths or [encodings.shape[-1]]
         rows = list(encodings.unbind(0))  # B x (T, d)
         for b, row in enumerate(rows):
-            for concept_rows, superclass_rows in reversed(self.global_key_pairs):
-                match = _find_row(concept_rows, row)
-                if match is not None:
-                    rows[b] = superclass_rows[match].to(row.dtype, copy=False)
-                    break
+            twins = []
+            for encoder, part in enumerate(row.split(widths, dim=-1)):  # (T, width) each
+                twin = None
+                for index, concept_rows, superclass_rows in reversed(self.global_key_pairs):
+                    match = _find_row(concept_rows, part) if index == encoder else None
+                    if match is not None:
+                        twin = superclass_rows[match].to(part.device, part.dtype, copy=False)
+                        break
+                twins.append(twin)
+            if all(twin is not None for twin in twins):
+                rows[b] = torch.cat(twins, dim=-1)
         return torch.stack(rows)
 
 

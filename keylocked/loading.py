@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, single_token_id
+from .base_model import KeylockedError, cross_attention_layers
 from .concept import Concept, ConceptDims, check_concept_shapes
-from .covariance import Covariance, base_vocabulary_size, pipeline_folder, resolve_covariance
+from .covariance import Covariance, pipeline_folder, resolve_covariance
 from .layers import ConceptSlot, KeyLockedContext, KeyLockedLinear, Lock, WrappedLinear
 from .perfusion import concept_correlation
-from .tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
+from .text_stack import StackSnapshot, TextStack, text_stack
 from .validation import (
     check_beta,
     check_concept_inputs,
@@ -37,13 +37,19 @@ PerConcept = float | Mapping[str, float] | None
 # Wrapping the UNet's cross-attention projections (used by training and inference).
 
 
-def install_keylocked_layers(unet: nn.Module, input_covariance_inv: Tensor) -> KeyLockedContext:
-    """Wrap every cross-attention ``to_k``/``to_v`` in a ``KeyLockedLinear`` sharing one context."""
+def install_keylocked_layers(
+    unet: nn.Module, input_covariance_inv: Tensor, encoder_widths: list[int] | None = None
+) -> KeyLockedContext:
+    """Wrap every cross-attention ``to_k``/``to_v`` in a ``KeyLockedLinear`` sharing one context.
+
+    ``encoder_widths``: the text stack's per-encoder widths (global locking matches each part)."""
     existing = getattr(unet, "_keylocked_context", None)
     if existing is not None:
         return existing
     layers = cross_attention_layers(unet)
-    context = KeyLockedContext(input_covariance_inv=input_covariance_inv.detach().float())
+    context = KeyLockedContext(
+        input_covariance_inv=input_covariance_inv.detach().float(), encoder_widths=list(encoder_widths or [])
+    )
     for layer in layers.values():
         layer.to_k = KeyLockedLinear(layer.to_k, "key", context)
         layer.to_v = KeyLockedLinear(layer.to_v, "value", context)
@@ -84,11 +90,19 @@ def value_layers(unet: nn.Module) -> dict[str, KeyLockedLinear]:
 class _Installation:
     context: KeyLockedContext
     covariance: Covariance
-    snapshot: TokenizerSnapshot
+    stack: TextStack
+    snapshot: StackSnapshot
     concepts: dict[str, Concept] = field(default_factory=dict)
-    token_ids: dict[str, int] = field(default_factory=dict)
-    superclass_ids: dict[str, int] = field(default_factory=dict)
-    hook: object | None = None
+    token_ids: dict[str, list[int]] = field(default_factory=dict)  # token -> id in each tokenizer
+    superclass_ids: dict[str, list[int]] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+
+    def swaps(self, encoder: int) -> dict[int, int]:
+        """Global locking, encoder ``encoder``: active concept token id -> its super-category's id."""
+        context = self.context
+        if context.lock != "global" or not context.active:
+            return {}
+        return {self.token_ids[t][encoder]: self.superclass_ids[t][encoder] for t in context.active}
 
 
 def _installation(pipe) -> _Installation | None:
@@ -97,9 +111,10 @@ def _installation(pipe) -> _Installation | None:
 
 def concept_dims(pipe) -> ConceptDims:
     """The widths a concept needs to fit this pipeline (read from the modules, not their names)."""
+    stack = text_stack(pipe)
     return ConceptDims(
-        embed_dim=int(pipe.text_encoder.get_input_embeddings().weight.shape[1]),
-        text_dim=int(pipe.text_encoder.config.hidden_size),
+        embed_dims=stack.embedding_dims(),
+        text_dim=stack.d_text,
         value_widths={
             name: int(getattr(layer.to_v, "base_layer", layer.to_v).out_features)
             for name, layer in cross_attention_layers(pipe.unet).items()
@@ -133,8 +148,9 @@ def check_concepts_separable(concepts: list[Concept], covariance: Covariance) ->
 
 def pipeline_fingerprint(pipe) -> str:
     installation = _installation(pipe)
-    vocab_size = installation.snapshot.vocab_size if installation else base_vocabulary_size(pipe.tokenizer)
-    return base_model_fingerprint(pipe.text_encoder, pipe.unet, vocab_size)
+    stack = text_stack(pipe)
+    vocab_sizes = installation.snapshot.vocab_sizes if installation else stack.base_vocabulary_sizes()
+    return stack.base_model_fingerprint(pipe.unet, vocab_sizes)
 
 
 def _per_concept(value: PerConcept, token: str, default: float) -> float:
@@ -181,13 +197,14 @@ def load_concepts(
     )
     if duplicates:
         raise KeylockedError(f"concept token(s) {sorted(duplicates)} loaded twice")
+    stack = installation.stack if installation else text_stack(pipe)
     for token in tokens:
-        check_new_token(pipe.tokenizer, token)
+        stack.check_new_token(token)
     fingerprint = pipeline_fingerprint(pipe) if strict else None
     superclass_ids = {}
     for concept, item in zip(loaded, concepts):
         check_concept_fits(concept, pipe, fingerprint, source=str(item) if not isinstance(item, Concept) else "")
-        superclass_ids[concept.placeholder_token] = single_token_id(pipe.tokenizer, concept.superclass_token)
+        superclass_ids[concept.placeholder_token] = stack.single_token_ids(concept.superclass_token)
     if installation is not None:
         if covariance is not None:
             raise KeylockedError("concepts are already loaded with a covariance; unload_concepts() first to change it")
@@ -195,7 +212,7 @@ def load_concepts(
     elif isinstance(covariance, Covariance):
         resolved = covariance
     else:
-        resolved = resolve_covariance(pipe.text_encoder, pipe.tokenizer, covariance, model_dir=pipeline_folder(pipe))
+        resolved = resolve_covariance(stack, path=covariance, model_dir=pipeline_folder(pipe))
     if isinstance(covariance, Covariance):
         if covariance.inverse.shape != (dims.text_dim, dims.text_dim):
             shape = tuple(covariance.inverse.shape)
@@ -212,14 +229,12 @@ def load_concepts(
             )
     # -- then mutate -----------------------------------------------------------------------
     if installation is None:
-        snapshot = TokenizerSnapshot(pipe.tokenizer)
-        context = install_keylocked_layers(pipe.unet, resolved.inverse)
-        installation = _Installation(context=context, covariance=resolved, snapshot=snapshot)
+        snapshot = stack.snapshot()
+        context = install_keylocked_layers(pipe.unet, resolved.inverse, stack.widths)
+        installation = _Installation(context=context, covariance=resolved, stack=stack, snapshot=snapshot)
         pipe.unet._keylocked_installation = installation
-        installation.hook = pipe.text_encoder.register_forward_hook(
-            _global_lock_hook(pipe, installation), with_kwargs=True
-        )
-    token_ids = add_tokens(pipe.tokenizer, pipe.text_encoder, {c.placeholder_token: c.token_embedding for c in loaded})
+        installation.hooks = stack.register_twin_hooks(installation.swaps, context.register_global_pair)
+    token_ids = stack.add_tokens({c.placeholder_token: c.token_embeddings for c in loaded})
     installation.token_ids.update(token_ids)
     installation.superclass_ids.update(superclass_ids)
     device, dtype = pipe.unet.device, pipe.unet.dtype
@@ -281,36 +296,8 @@ def unload_concepts(pipe) -> None:
     installation = _installation(pipe)
     if installation is None:
         return
-    if installation.hook is not None:
-        installation.hook.remove()
+    for hook in installation.hooks:
+        hook.remove()
     uninstall_keylocked_layers(pipe.unet)
-    restore_vocabulary(pipe.tokenizer, pipe.text_encoder, installation.snapshot)
+    installation.stack.restore(installation.snapshot)
     del pipe.unet._keylocked_installation
-
-
-def _global_lock_hook(pipe, installation: _Installation):
-    """Text-encoder hook: for global locking, also encode each concept prompt with every
-    concept token replaced by its super-category word, for the key path to use."""
-    busy = [False]
-
-    def hook(module, args, kwargs, output):
-        context = installation.context
-        if busy[0] or context.lock != "global" or not context.active:
-            return None
-        input_ids = args[0] if args else kwargs.get("input_ids")
-        if input_ids is None:
-            return None
-        swapped = input_ids.clone()
-        for token in context.active:
-            swapped[input_ids == installation.token_ids[token]] = installation.superclass_ids[token]
-        if torch.equal(swapped, input_ids):
-            return None
-        busy[0] = True
-        try:
-            superclass_output = module(swapped, *args[1:], **kwargs)
-        finally:
-            busy[0] = False
-        context.register_global_pair(output[0], superclass_output[0])
-        return None
-
-    return hook

@@ -94,21 +94,24 @@ def test_only_embedding_and_value_targets_receive_gradients(tiny_pipe):
     super_id = pipe.tokenizer.convert_tokens_to_ids("bear")
     embedding = pipe.text_encoder.get_input_embeddings()
     params = ConceptParameters(
-        embedding.weight[super_id], torch.randn(d), {n: torch.randn(layer.out_features) for n, layer in layers.items()}
+        {"token_embedding": embedding.weight[super_id]},
+        torch.randn(d),
+        {n: torch.randn(layer.out_features) for n, layer in layers.items()},
     )
     context.concepts["<c>"] = ConceptSlot(params.concept_input, params.superclass_input, 0.75, 0.1)
     context.active = {"<c>"}
     for name, layer in layers.items():
         layer.value_targets["<c>"] = params.value_target(name)
     hook = embedding.register_forward_hook(
-        lambda m, i, o: torch.where((i[0] == super_id).unsqueeze(-1), params.token_embedding, o)
+        lambda m, i, o: torch.where((i[0] == super_id).unsqueeze(-1), params.token_embeddings["token_embedding"], o)
     )
     encodings, _ = encode_prompts(pipe.text_encoder, pipe.tokenizer, ["a photo of a bear"])
     hook.remove()
     params.concept_input.copy_(encodings[0, 4].detach())  # the concept token's encoding: gate fires
     out = pipe.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), encodings).sample
     out.square().mean().backward()
-    assert params.token_embedding.grad is not None and params.token_embedding.grad.abs().sum() > 0
+    grad = params.token_embeddings["token_embedding"].grad
+    assert grad is not None and grad.abs().sum() > 0
     for name in layers:
         assert params.value_target(name).grad.abs().sum() > 0
     concept_ids = {id(p) for p in params.parameters()}

@@ -43,7 +43,7 @@ def make_concept(pipe, token: str = "<my-thing>", seed: int = 0, superclass: str
     return Concept(
         placeholder_token=token,
         superclass_token=superclass,
-        token_embedding=torch.randn(dims.embed_dim, generator=g),
+        token_embeddings={key: torch.randn(width, generator=g) for key, width in dims.embed_dims.items()},
         concept_input=torch.randn(dims.text_dim, generator=g),
         superclass_input=torch.randn(dims.text_dim, generator=g),
         value_targets={name: torch.randn(width, generator=g) for name, width in dims.value_widths.items()},

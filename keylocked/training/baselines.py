@@ -38,13 +38,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, encode_prompts, single_token_id
+from ..base_model import KeylockedError, cross_attention_layers
 from ..io import atomic_path, atomic_write_text
 from ..layers import WrappedLinear
-from ..tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
+from ..text_stack import StackSnapshot, text_stack
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prompts_for, step_generator
-from .trainer import CONCEPT_FILENAME, _masked_mse, _resolution, freeze_and_place, noised_batch, train_concept
+from .latents import latent_encoder
+from .trainer import (
+    CONCEPT_FILENAME,
+    _masked_mse,
+    _resolution,
+    _substitute_row,
+    freeze_and_place,
+    noised_batch,
+    train_concept,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +64,7 @@ MANIFEST_VERSION = 1
 TI_FILENAME = "learned_embeds.safetensors"
 CD_FILENAME = "custom_diffusion.safetensors"
 CD_FORMAT = "keylocked.custom_diffusion"
+CD_VERSION = 2  # 2: one token embedding per text encoder, named as in Perfusion concept files
 LORA_FILENAME = "pytorch_lora_weights.safetensors"  # diffusers' default LORA_WEIGHT_NAME_SAFE
 
 
@@ -146,13 +156,13 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
         from ..models import load_pipeline
 
         pipe = load_pipeline(config.pretrained_model_name_or_path)
-    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    stack, unet = text_stack(pipe), pipe.unet
 
     # -- validate every input before touching the model -------------------------------------
     uses_token = method in ("textual-inversion", "custom-diffusion")
     if uses_token:
-        check_new_token(tokenizer, config.placeholder_token)
-        superclass_id = single_token_id(tokenizer, config.superclass_token)
+        stack.check_new_token(config.placeholder_token)
+        superclass_ids = stack.single_token_ids(config.superclass_token)  # one per tokenizer
     if config.resume_from_checkpoint:
         raise KeylockedError(f"{method}: resuming is only implemented for perfusion")
     if config.mask != "attention":
@@ -160,8 +170,8 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
     resolution = _resolution(config, pipe)
     instance = images_to_tensor(load_instance_images(config.instance_data_dir, resolution))  # (N, 3, R, R)
     phrase = _trigger_phrase(method, config, options)
-    snapshot = TokenizerSnapshot(tokenizer)
-    fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
+    snapshot = stack.snapshot()
+    fingerprint = stack.base_model_fingerprint(unet, snapshot.vocab_sizes)
 
     device = accelerator.device
     weight_dtype = freeze_and_place(pipe, device, config.mixed_precision)
@@ -170,21 +180,15 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
     hooks, trainables, groups = [], {}, []
     try:
         # -- what this method trains -----------------------------------------------------------
+        embeddings: dict[str, nn.Parameter] = {}  # text encoder key -> (d_embed,), one per encoder
         if uses_token:
-            table = text_encoder.get_input_embeddings()
-            init = table.weight[superclass_id].detach().clone()
-            placeholder_id = add_tokens(tokenizer, text_encoder, {config.placeholder_token: init})[
-                config.placeholder_token
-            ]
-            token_embedding = nn.Parameter(init.float().to(device))  # (d_embed,)
-            trainables["token_embedding"] = token_embedding
-
-            def replace_placeholder(module, inputs, output):
-                is_placeholder = (inputs[0] == placeholder_id).unsqueeze(-1)  # (B, T, 1)
-                return torch.where(is_placeholder, token_embedding.to(output.dtype), output)
-
-            hooks.append(text_encoder.get_input_embeddings().register_forward_hook(replace_placeholder))
-            groups.append({"params": [token_embedding], "lr": config.learning_rate_embedding})
+            tables = stack.input_embeddings()
+            init = {key: tables[key].weight[i].detach().clone() for key, i in zip(tables, superclass_ids)}
+            placeholder_ids = stack.add_tokens({config.placeholder_token: init})[config.placeholder_token]
+            for (key, table), placeholder_id in zip(stack.input_embeddings().items(), placeholder_ids):
+                embeddings[key] = nn.Parameter(init[key].float().to(device))
+                hooks.append(table.register_forward_hook(_substitute_row(placeholder_id, embeddings[key])))
+            groups.append({"params": list(embeddings.values()), "lr": config.learning_rate_embedding})
         if method == "custom-diffusion":
             wrapped = _wrap_kv(unet)
             deltas = []
@@ -215,13 +219,23 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
         optimizer = accelerator.prepare(torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay))
 
         # -- the loop: same batches as Perfusion (seeded by step), plain noise-prediction loss ---
+        encoder = latent_encoder(pipe.vae, instance, config.random_flip, device, weight_dtype)
         started = time.perf_counter()
         for step in range(config.max_train_steps):
             for micro in range(config.gradient_accumulation_steps):
                 generator = step_generator(config.seed, step * config.gradient_accumulation_steps + micro + 1)
                 with accelerator.accumulate(), accelerator.autocast():
                     loss = baseline_loss(
-                        config, instance, generator, pipe, noise_scheduler, phrase, method, device, weight_dtype
+                        config,
+                        instance,
+                        generator,
+                        pipe,
+                        noise_scheduler,
+                        phrase,
+                        method,
+                        device,
+                        weight_dtype,
+                        encoder,
                     )
                     accelerator.backward(loss)
                     optimizer.step()
@@ -243,30 +257,27 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
         }
         dtype = torch.float16 if config.concept_dtype == "fp16" else torch.float32
         if method == "textual-inversion":
-            path = _save_tensors(
-                output_dir / TI_FILENAME,
-                {config.placeholder_token: trainables["token_embedding"].detach()[None]},
-                dtype,
-            )
+            # diffusers' formats: {token: (1, d)} for one encoder; SDXL's {"clip_l": (1, 768), "clip_g": (1, 1280)}
+            single = len(embeddings) == 1
+            tensors = {config.placeholder_token if single else key: e.detach()[None] for key, e in embeddings.items()}
+            path = _save_tensors(output_dir / TI_FILENAME, tensors, dtype)
         elif method == "custom-diffusion":
-            tensors = {"token_embedding": trainables["token_embedding"].detach()}
-            tensors.update(
-                {f"deltas.{name}": t.detach() for name, t in trainables.items() if name != "token_embedding"}
-            )
+            tensors = {key: e.detach() for key, e in embeddings.items()}
+            tensors.update({f"deltas.{name}": t.detach() for name, t in trainables.items()})
             path = _save_tensors(
                 output_dir / CD_FILENAME,
                 tensors,
                 dtype,
                 metadata={
                     "format": CD_FORMAT,
-                    "format_version": "1",
+                    "format_version": str(CD_VERSION),
                     "placeholder_token": config.placeholder_token,
                     "superclass_token": config.superclass_token,
                     "base_model_fingerprint": fingerprint,
                 },
             )
         else:
-            path = _save_lora(unet, output_dir, dtype)
+            path = _save_lora(pipe, output_dir, dtype)
         manifest = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
@@ -287,18 +298,26 @@ def train_baseline(config: TrainConfig, method: str, pipe=None, options: Baselin
         _unwrap_kv(unet)
         if method == "lora" and getattr(unet, "peft_config", None):
             unet.unload_lora()
-        restore_vocabulary(tokenizer, text_encoder, snapshot)
+        stack.restore(snapshot)
 
 
-def baseline_loss(config, instance, generator, pipe, noise_scheduler, phrase, method, device, weight_dtype) -> Tensor:
-    """One micro-batch of a baseline: the shared noised batch, prompts with ``phrase``, plain MSE."""
+def baseline_loss(
+    config, instance, generator, pipe, noise_scheduler, phrase, method, device, weight_dtype, encoder=None
+) -> Tensor:
+    """One micro-batch of a baseline: the shared noised batch, prompts with ``phrase``, plain MSE.
+
+    ``encoder``: the VAE or its ``LatentCache`` (default: the pipeline's VAE)."""
     latents, noisy_latents, timesteps, target, templates, _ = noised_batch(
-        config, instance, generator, pipe.vae, noise_scheduler, device, weight_dtype
+        config, instance, generator, encoder or pipe.vae, noise_scheduler, device, weight_dtype
     )
     prompts = prompts_for(templates, phrase, config.templates)
+    stack = text_stack(pipe)
     with torch.no_grad() if method == "lora" else torch.enable_grad():
-        encodings, _ = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)  # (B, T, d)
-    prediction = pipe.unet(noisy_latents, timesteps, encodings.to(weight_dtype)).sample
+        encoded = stack.encode(prompts)  # (B, T, d_text)
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
+    height, width = (size * scale for size in latents.shape[-2:])
+    conditioning = stack.unet_conditioning(encoded, height, width, weight_dtype)  # SDXL: pooled text + time ids
+    prediction = pipe.unet(noisy_latents, timesteps, encoded.encodings.to(weight_dtype), **conditioning).sample
     return _masked_mse(prediction, target, None)
 
 
@@ -321,16 +340,17 @@ def _save_tensors(
     return path
 
 
-def _save_lora(unet: nn.Module, output_dir: Path, dtype: torch.dtype) -> Path:
-    """diffusers' LoRA format: ``save_lora_weights(unet_lora_layers=convert_state_dict_to_diffusers(peft state))``."""
-    from diffusers import StableDiffusionPipeline
+def _save_lora(pipe, output_dir: Path, dtype: torch.dtype) -> Path:
+    """diffusers' LoRA format, written by the pipeline class's own ``save_lora_weights``
+    (``StableDiffusionXLPipeline``'s on SDXL) from ``convert_state_dict_to_diffusers(peft state)``."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    unet = pipe.unet
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     output_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
+    type(pipe).save_lora_weights(
         save_directory=str(output_dir),
         unet_lora_layers=state,
         safe_serialization=True,
@@ -396,7 +416,7 @@ class Personalization:
 @dataclass
 class _Loaded:
     items: list[Personalization]
-    snapshot: TokenizerSnapshot | None = None
+    snapshot: StackSnapshot | None = None
     adapters: list[str] = field(default_factory=list)
 
 
@@ -435,20 +455,32 @@ def load_personalizations(
             pipe, [i.path for i in items], beta=beta, tau=tau, lock=lock, covariance=covariance, strict=strict
         )
     elif method == "textual-inversion":
-        loaded.snapshot = TokenizerSnapshot(pipe.tokenizer)
+        stack = text_stack(pipe)
+        loaded.snapshot = stack.snapshot()
         try:
             for item in items:
-                pipe.load_textual_inversion(str(item.weights_path), token=item.placeholder_token)
+                if len(stack.slots) == 1:
+                    pipe.load_textual_inversion(str(item.weights_path), token=item.placeholder_token)
+                    continue
+                state = load_file(str(item.weights_path))  # SDXL: once per encoder, as diffusers documents
+                for slot in stack:
+                    if slot.key not in state:
+                        raise ValueError(f"{item.weights_path} has no {slot.key!r} embedding")
+                    pipe.load_textual_inversion(
+                        state[slot.key],
+                        token=item.placeholder_token,
+                        text_encoder=slot.text_encoder,
+                        tokenizer=slot.tokenizer,
+                    )
         except ValueError as error:
-            restore_vocabulary(pipe.tokenizer, pipe.text_encoder, loaded.snapshot)
+            stack.restore(loaded.snapshot)
             raise KeylockedError(f"cannot load textual inversion: {error}") from error
     elif method == "custom-diffusion":
         tensors = [_read_custom_diffusion(item, pipe) for item in items]  # validate all, then mutate
-        loaded.snapshot = TokenizerSnapshot(pipe.tokenizer)
-        add_tokens(
-            pipe.tokenizer,
-            pipe.text_encoder,
-            {i.placeholder_token: t["token_embedding"] for i, t in zip(items, tensors)},
+        stack = text_stack(pipe)
+        loaded.snapshot = stack.snapshot()
+        stack.add_tokens(
+            {i.placeholder_token: {key: t[key] for key in stack.embedding_keys} for i, t in zip(items, tensors)}
         )
         wrapped = _wrap_kv(pipe.unet)
         for item, state in zip(items, tensors):
@@ -472,8 +504,12 @@ def _read_custom_diffusion(item: Personalization, pipe) -> dict[str, Tensor]:
         metadata = handle.metadata() or {}
     if metadata.get("format") != CD_FORMAT:
         raise KeylockedError(f"{item.weights_path}: not a keylocked Custom Diffusion file")
-    check_new_token(pipe.tokenizer, item.placeholder_token)
+    stack = text_stack(pipe)
+    stack.check_new_token(item.placeholder_token)
     state = {k: v.float() for k, v in load_file(str(item.weights_path)).items()}
+    for key, dim in stack.embedding_dims().items():
+        if key not in state or state[key].shape != (dim,):
+            raise KeylockedError(f"{item.weights_path}: no {dim}-wide {key!r} embedding for this model's text encoders")
     for name, layer in cross_attention_layers(pipe.unet).items():
         for projection in ("to_k", "to_v"):
             module = getattr(layer, projection)
@@ -500,7 +536,7 @@ def unload_personalizations(pipe) -> None:
         pipe.unload_lora_weights()
     else:
         _unwrap_kv(pipe.unet)
-        restore_vocabulary(pipe.tokenizer, pipe.text_encoder, loaded.snapshot)
+        text_stack(pipe).restore(loaded.snapshot)
     pipe._keylocked_personalizations = None
 
 

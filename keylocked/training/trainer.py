@@ -17,20 +17,16 @@ from diffusers import DDPMScheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..base_model import (
-    KeylockedError,
-    base_model_fingerprint,
-    encode_prompts,
-    single_token_id,
-)
+from ..base_model import KeylockedError
 from ..concept import Concept
 from ..covariance import pipeline_folder, resolve_covariance
 from ..io import atomic_path, atomic_write_text
 from ..layers import ConceptSlot
 from ..loading import install_keylocked_layers, uninstall_keylocked_layers, value_layers
-from ..tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
+from ..text_stack import TextStack, text_stack
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prompts_for, sample_batch, step_generator
+from .latents import latent_encoder
 from .masks import AttentionMapProbe, load_user_masks, probing_cross_attention
 
 logger = logging.getLogger(__name__)
@@ -40,9 +36,11 @@ CONCEPT_FILENAME = "concept.safetensors"
 class ConceptParameters(nn.Module):
     """What training learns (embedding, value targets) and tracks (i* EMA, i*_super)."""
 
-    def __init__(self, token_embedding: Tensor, superclass_input: Tensor, value_targets: dict[str, Tensor]):
+    def __init__(self, token_embeddings: dict[str, Tensor], superclass_input: Tensor, value_targets: dict[str, Tensor]):
         super().__init__()
-        self.token_embedding = nn.Parameter(token_embedding.detach().clone().float())  # (d_embed,)
+        self.token_embeddings = nn.ParameterDict(
+            {key: nn.Parameter(e.detach().clone().float()) for key, e in token_embeddings.items()}
+        )  # text encoder key -> (d_embed,), one per encoder
         self.value_targets = nn.ParameterDict(
             {name.replace(".", "/"): nn.Parameter(t.detach().clone().float()) for name, t in value_targets.items()}
         )  # layer path -> (out,)
@@ -66,11 +64,13 @@ def freeze_and_place(pipe, device: torch.device, mixed_precision: str) -> torch.
     The text encoder stays fp32: gradients flow through it into the new token's embedding.
     """
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+    text_encoders = text_stack(pipe).text_encoders
+    for module in (*text_encoders, pipe.unet, pipe.vae):
         if module is not None:
             module.requires_grad_(False)
             module.eval()
-    pipe.text_encoder.to(device)
+    for text_encoder in text_encoders:
+        text_encoder.to(device)
     pipe.unet.to(device, weight_dtype)
     if pipe.vae is not None:
         pipe.vae.to(device, weight_dtype)
@@ -106,11 +106,11 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         from ..models import load_pipeline
 
         pipe = load_pipeline(config.pretrained_model_name_or_path)
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    stack, unet, vae = text_stack(pipe), pipe.unet, pipe.vae
 
     # -- validate every input before touching the model -------------------------------------
-    check_new_token(tokenizer, config.placeholder_token)
-    superclass_id = single_token_id(tokenizer, config.superclass_token)
+    stack.check_new_token(config.placeholder_token)
+    superclass_ids = stack.single_token_ids(config.superclass_token)  # one per tokenizer
     resolution = _resolution(config, pipe)
     images = load_instance_images(config.instance_data_dir, resolution)
     instance = images_to_tensor(images)  # (N, 3, R, R)
@@ -126,22 +126,21 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         if config.resume_from_checkpoint != "latest" and not (resume_dir and resume_dir.is_dir()):
             raise KeylockedError(f"checkpoint not found: {config.resume_from_checkpoint}")
     covariance = resolve_covariance(
-        text_encoder, tokenizer, config.covariance, progress=config.progress, model_dir=pipeline_folder(pipe)
+        stack, path=config.covariance, progress=config.progress, model_dir=pipeline_folder(pipe)
     )
-    snapshot = TokenizerSnapshot(tokenizer)
-    fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
+    snapshot = stack.snapshot()
+    fingerprint = stack.base_model_fingerprint(unet, snapshot.vocab_sizes)
 
     device = accelerator.device
     weight_dtype = freeze_and_place(pipe, device, config.mixed_precision)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    # -- the new token, hooked so that only its embedding row is trained ---------------------
-    embedding_table = text_encoder.get_input_embeddings()
-    superclass_embedding = embedding_table.weight[superclass_id].detach().clone()
-    placeholder_id = add_tokens(tokenizer, text_encoder, {config.placeholder_token: superclass_embedding})[
-        config.placeholder_token
-    ]
-    embedding_table = text_encoder.get_input_embeddings()
+    # -- the new token in every tokenizer, hooked so that only its embedding rows are trained --
+    superclass_embeddings = {
+        key: table.weight[superclass_id].detach().clone()
+        for (key, table), superclass_id in zip(stack.input_embeddings().items(), superclass_ids)
+    }  # text encoder key -> (d_embed,)
+    placeholder_ids = stack.add_tokens({config.placeholder_token: superclass_embeddings})[config.placeholder_token]
     hooks = []
     context = None
     try:
@@ -149,16 +148,15 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         first = step_generator(config.seed, 0)
         _, templates = sample_batch(instance, config.effective_batch_size, first, num_templates=len(config.templates))
         with torch.no_grad():
-            encodings, ids = encode_prompts(
-                text_encoder, tokenizer, prompts_for(templates, config.superclass_token, config.templates)
-            )
-            superclass_input = encodings[ids == superclass_id].float().mean(0)  # (d_text,)
-        context = install_keylocked_layers(unet, covariance.inverse.to(device))
+            encoded = stack.encode(prompts_for(templates, config.superclass_token, config.templates))
+            is_superclass = encoded.input_ids == superclass_ids[0]  # (B, T)
+            superclass_input = encoded.encodings[is_superclass].float().mean(0)  # (d_text,)
+        context = install_keylocked_layers(unet, covariance.inverse.to(device), stack.widths)
         layers = value_layers(unet)
         initial_values = {
             name: F.linear(superclass_input.to(layer.weight), layer.weight).float() for name, layer in layers.items()
         }
-        params = ConceptParameters(superclass_embedding, superclass_input, initial_values).to(device)
+        params = ConceptParameters(superclass_embeddings, superclass_input, initial_values).to(device)
         token = config.placeholder_token
         context.concepts[token] = ConceptSlot(
             params.concept_input, params.superclass_input, config.train_beta, config.train_tau
@@ -167,15 +165,14 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         for name, layer in layers.items():
             layer.value_targets[token] = params.value_target(name)
 
-        def replace_placeholder(module, inputs, output):
-            is_placeholder = (inputs[0] == placeholder_id).unsqueeze(-1)  # (B, T, 1)
-            return torch.where(is_placeholder, params.token_embedding.to(output.dtype), output)
-
-        hooks.append(embedding_table.register_forward_hook(replace_placeholder))
+        for (key, table), placeholder_id in zip(stack.input_embeddings().items(), placeholder_ids):
+            hooks.append(table.register_forward_hook(_substitute_row(placeholder_id, params.token_embeddings[key])))
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
 
         optimizer = torch.optim.AdamW(
             [
-                {"params": [params.token_embedding], "lr": config.learning_rate_embedding},
+                {"params": list(params.token_embeddings.parameters()), "lr": config.learning_rate_embedding},
                 {"params": list(params.value_targets.parameters()), "lr": config.learning_rate_values},
             ],
             weight_decay=config.adam_weight_decay,
@@ -192,6 +189,7 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         probe = AttentionMapProbe()
         use_attention_mask = config.mask == "attention"
         vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        encoder = latent_encoder(vae, instance, config.random_flip, device, weight_dtype)  # VAE or its cache
         progress = tqdm(
             total=config.max_train_steps, initial=global_step, desc="train", disable=not config.progress, unit="step"
         )
@@ -199,19 +197,20 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         while global_step < config.max_train_steps:
             for micro in range(config.gradient_accumulation_steps):
                 generator = step_generator(config.seed, global_step * config.gradient_accumulation_steps + micro + 1)
-                with accelerator.accumulate(params), accelerator.autocast():
+                # the probe stays installed through backward: gradient checkpointing recomputes attention
+                probing = probing_cross_attention(unet, probe) if use_attention_mask else nullcontext()
+                with accelerator.accumulate(params), accelerator.autocast(), probing:
                     loss = _training_step(
                         config,
                         instance,
                         generator,
-                        tokenizer,
-                        text_encoder,
+                        stack,
                         unet,
-                        vae,
+                        encoder,
                         noise_scheduler,
                         params,
                         context,
-                        placeholder_id,
+                        placeholder_ids[0],
                         probe,
                         use_attention_mask,
                         vae_scale,
@@ -237,7 +236,6 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
                     layers,
                     fingerprint,
                     covariance.sha256,
-                    superclass_id,
                 )
             if config.validation_prompt and (
                 global_step % config.validation_steps == 0 or global_step == config.max_train_steps
@@ -251,8 +249,20 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
     finally:
         for hook in hooks:
             hook.remove()
+        if config.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
         uninstall_keylocked_layers(unet)
-        restore_vocabulary(tokenizer, text_encoder, snapshot)
+        stack.restore(snapshot)
+
+
+def _substitute_row(token_id: int, embedding: Tensor):
+    """Forward hook on an input embedding table: the trainable vector wherever ``token_id`` is."""
+
+    def hook(module, inputs, output):
+        is_token = (inputs[0] == token_id).unsqueeze(-1)  # (B, T, 1)
+        return torch.where(is_token, embedding.to(output.dtype), output)
+
+    return hook
 
 
 def noised_batch(config, instance, generator, vae, noise_scheduler, device, weight_dtype):
@@ -293,8 +303,7 @@ def _training_step(
     config,
     instance,
     generator,
-    tokenizer,
-    text_encoder,
+    stack: TextStack,
     unet,
     vae,
     noise_scheduler,
@@ -312,18 +321,19 @@ def _training_step(
         config, instance, generator, vae, noise_scheduler, device, weight_dtype
     )
     # text: the concept token's encodings drive the i* EMA (the gate's anchor)
-    encodings, ids = encode_prompts(
-        text_encoder, tokenizer, prompts_for(templates, config.placeholder_token, config.templates)
-    )
-    is_placeholder = ids == placeholder_id  # (B, T)
+    encoded = stack.encode(prompts_for(templates, config.placeholder_token, config.templates))
+    encodings = encoded.encodings  # (B, T, d_text)
+    is_placeholder = encoded.input_ids == placeholder_id  # (B, T)
     with torch.no_grad():
         observed = encodings[is_placeholder].float().mean(0)  # (d_text,)
         params.concept_input.mul_(config.ema_decay).add_(observed, alpha=1 - config.ema_decay)
     context.touch()
-    # UNet prediction, reading the concept token's attention map on the way when masking
-    with probing_cross_attention(unet, probe) if use_attention_mask else nullcontext():
-        probe.reset(is_placeholder)
-        prediction = unet(noisy_latents, timesteps, encodings.to(weight_dtype)).sample
+    # UNet prediction, reading the concept token's attention map on the way when masking (the
+    # caller has installed the probe)
+    probe.reset(is_placeholder)
+    height, width = (size * vae_scale for size in latents.shape[-2:])
+    conditioning = stack.unet_conditioning(encoded, height, width, weight_dtype)  # SDXL: pooled text + time ids
+    prediction = unet(noisy_latents, timesteps, encodings.to(weight_dtype), **conditioning).sample
     mask = None
     if use_attention_mask:
         mask = probe.object_mask(*latents.shape[-2:])
@@ -344,7 +354,7 @@ def _concept_from(
     return Concept(
         placeholder_token=config.placeholder_token,
         superclass_token=config.superclass_token,
-        token_embedding=params.token_embedding.detach().cpu(),
+        token_embeddings={key: e.detach().cpu() for key, e in params.token_embeddings.items()},
         concept_input=params.concept_input.detach().cpu(),
         superclass_input=params.superclass_input.detach().cpu(),
         value_targets={name: params.value_target(name).detach().cpu() for name in layers},
@@ -367,9 +377,7 @@ def _concept_from(
     )
 
 
-def _save_checkpoint(
-    accelerator, config, output_dir, step, params, layers, fingerprint, covariance_sha, superclass_id
-) -> None:
+def _save_checkpoint(accelerator, config, output_dir, step, params, layers, fingerprint, covariance_sha) -> None:
     """checkpoint-N/: accelerate state (resume) + a usable concept file (early checkpoints are often best)."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
