@@ -458,9 +458,12 @@ def load_personalizations(
                     state[f"deltas.{name}"].to(weight.device, weight.dtype), requires_grad=False
                 )
     else:
+        from ..quiet import LORA_LOGS, LORA_WARNINGS, quiet
+
         for index, item in enumerate(items):
             name = f"keylocked_{index}"
-            pipe.load_lora_weights(str(item.path), weight_name=item.manifest["weights"], adapter_name=name)
+            with quiet(LORA_LOGS, LORA_WARNINGS):  # UNet-only files, several adapters: both intended
+                pipe.load_lora_weights(str(item.path), weight_name=item.manifest["weights"], adapter_name=name)
             loaded.adapters.append(name)
         pipe.set_adapters(loaded.adapters, adapter_weights=[lora_scale] * len(items))
     pipe._keylocked_personalizations = loaded
