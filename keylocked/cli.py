@@ -19,6 +19,7 @@ import sys
 import traceback
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,11 @@ def _setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one ``warning:`` line, like keylocked's own (no source line, no path)."""
+    print(f"warning: {_one_line(Warning(str(message)))} ({category.__name__})", file=file or sys.stderr)
+
+
 def _one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines[:1] + ["; ".join(lines[1:])]).strip() if lines else type(error).__name__
@@ -285,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     debug = getattr(args, "debug", False)
     try:
-        return args.handler(args) or ExitCode.OK
+        with warnings.catch_warnings():  # restores the caller's warning display when main() returns
+            if not debug:
+                warnings.showwarning = _warning_line
+            return args.handler(args) or ExitCode.OK
     except BrokenPipeError:  # `keylocked inspect f | head`: stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitCode.BROKEN_PIPE

@@ -681,3 +681,17 @@ def test_real_process_prints_one_line(tmp_path):
     crash = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert crash.returncode == ExitCode.INTERNAL_ERROR
     assert "internal error: ZeroDivisionError" in one_error_line(crash.stderr)
+
+
+def test_python_warnings_are_one_line(capsys, monkeypatch):
+    import warnings
+
+    def describe(path):
+        warnings.warn("something odd\nin two lines", UserWarning, stacklevel=1)
+        return {"format": "x"}
+
+    monkeypatch.setattr("keylocked.describe.describe", describe)
+    code, _, err = run(capsys, "inspect", "x", "--json")
+    assert code == ExitCode.OK
+    assert err.strip().splitlines() == ["warning: something odd; in two lines (UserWarning)"]
+    assert warnings.showwarning.__name__ != "_warning_line"  # restored after main()
