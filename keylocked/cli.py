@@ -2,8 +2,9 @@
 
 Verbs: covariance, train, generate, inspect, evaluate, demo. Flags are spelled as in diffusers'
 training scripts (``--pretrained_model_name_or_path``, ``--train_batch_size``); those of
-``train`` and ``generate`` are generated from the config dataclasses' fields, so they
-cannot drift from them.
+``train``, ``generate``, ``evaluate`` and ``demo`` are generated from their config dataclasses'
+fields, so they cannot drift from them. Every failure is one ``error:`` line and an
+:class:`ExitCode` (docs/cli.md); ``--debug`` adds the traceback.
 
 """
 

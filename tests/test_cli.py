@@ -693,5 +693,5 @@ def test_python_warnings_are_one_line(capsys, monkeypatch):
     monkeypatch.setattr("keylocked.describe.describe", describe)
     code, _, err = run(capsys, "inspect", "x", "--json")
     assert code == ExitCode.OK
-    assert err.strip().splitlines() == ["warning: something odd; in two lines (UserWarning)"]
+    assert err.strip().splitlines() == ["warning: something odd in two lines (UserWarning)"]
     assert warnings.showwarning.__name__ != "_warning_line"  # restored after main()

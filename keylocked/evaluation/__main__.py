@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(inputs: EvaluateInputs, config) -> None:
     """Evaluate the concepts of ``inputs`` over ``config``'s sweep; writes rows, summary and the Pareto plot."""
     from ..models import load_pipeline
+    from ..quiet import no_loading_bars
     from ..training.baselines import Personalization
     from ..training.data import load_instance_images
     from .embedders import CLIPEmbedder, EmojiEvaluator
@@ -87,7 +88,8 @@ def run(inputs: EvaluateInputs, config) -> None:
 
     items = [Personalization.from_path(path) for path in inputs.concepts]  # validate before loading models
     pipe = load_pipeline(inputs.pretrained_model_name_or_path)
-    embedder = EmojiEvaluator.load() if inputs.embedder == "emoji" else CLIPEmbedder(inputs.embedder)
+    with no_loading_bars():
+        embedder = EmojiEvaluator.load() if inputs.embedder == "emoji" else CLIPEmbedder(inputs.embedder)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
     resolution = scale * int(pipe.unet.config.sample_size)
     entries = []
