@@ -664,7 +664,7 @@ def test_real_process_prints_one_line(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     missing = subprocess.run(
-        [sys.executable, "-m", "keylocked.cli", "inspect", str(tmp_path / "missing.safetensors")],
+        [sys.executable, "-m", "keylocked", "inspect", str(tmp_path / "missing.safetensors")],
         capture_output=True,
         text=True,
         env=env,
