@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from keylocked.evaluation import CLIPEmbedder, EmojiEvaluator
     from keylocked.models import EMBEDDED_MODELS, load_pipeline
+    from keylocked.quiet import no_loading_bars
 
     started = time.time()
     pipe = load_pipeline(args.model, device=args.device)
@@ -312,11 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         log(
             f"WARNING: {args.model} is the untrained placeholder (export_info.json trained=false): numbers check the machinery only"
         )
-    embedder = (
-        CLIPEmbedder(args.evaluator[5:], device=args.device)
-        if args.evaluator and args.evaluator.startswith("clip:")
-        else EmojiEvaluator.load(args.evaluator, device=args.device)
-    )
+    with no_loading_bars():
+        embedder = (
+            CLIPEmbedder(args.evaluator[5:], device=args.device)
+            if args.evaluator and args.evaluator.startswith("clip:")
+            else EmojiEvaluator.load(args.evaluator, device=args.device)
+        )
 
     # -- the user's photos: augmented views of each held-out benchmark concept ----------------
     concepts = benchmark_concepts(args.data, settings.concepts)

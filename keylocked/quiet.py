@@ -26,6 +26,10 @@ LORA_LOGS: dict[str, tuple[str, ...]] = {
     "diffusers.loaders.lora_base": ("No LoRA keys associated to",),
     "diffusers.loaders.peft": ("No LoRA keys associated to",),
 }
+TEXTUAL_INVERSION_LOGS: dict[str, tuple[str, ...]] = {
+    # diffusers' load_textual_inversion grows the table with mean_resizing and then overwrites the new rows.
+    "transformers.modeling_utils": ("The new embeddings will be initialized from a multivariate normal",),
+}
 LORA_WARNINGS = ("Already found a `peft_config` attribute in the model",)  # several adapters at once: intended
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from keylocked.cli import build_parser, main
-from keylocked.quiet import LORA_LOGS, LORA_WARNINGS, quiet
+from keylocked.quiet import LOADING_LOGS, LORA_LOGS, LORA_WARNINGS, TEXTUAL_INVERSION_LOGS, quiet
 
 ROOT = Path(__file__).resolve().parents[1]
 VERBS = sorted(build_parser()._subparsers._group_actions[0].choices)
@@ -122,3 +122,30 @@ def test_quiet_drops_only_the_named_messages_and_only_inside():
         logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["something else", "No LoRA keys associated to BertModel found"]
     assert [str(w.message) for w in caught] == ["an unrelated warning"]
+
+
+@pytest.mark.parametrize(
+    "logs, name, message",
+    [
+        (LOADING_LOGS, "diffusers.pipelines.pipeline_utils", "Expected types for text_encoder: (CLIPTextModel,)"),
+        (LOADING_LOGS, "diffusers.models.modeling_utils", "There are modules in UNet2DConditionModel that ..."),
+        (LORA_LOGS, "diffusers.loaders.peft", "No LoRA keys associated to UNet2DConditionModel found"),
+        (
+            TEXTUAL_INVERSION_LOGS,
+            "transformers.modeling_utils",
+            "The new embeddings will be initialized from a multivariate normal distribution",
+        ),
+    ],
+)
+def test_each_named_message_is_dropped_at_its_logger(logs, name, message):
+    logger, records = logging.getLogger(name), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        with quiet(logs):
+            logger.warning(message)
+            logger.warning("an unrelated message")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["an unrelated message"]
