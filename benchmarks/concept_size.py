@@ -10,6 +10,7 @@ two token embeddings 768 + 1280), saves it as keylocked would, and prints bytes 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import sys
 import tempfile
@@ -115,7 +116,8 @@ def measure(name: str, unet: UNet2DConditionModel, concept: Concept, target: int
     return fp16
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     unet = sd15_unet_on_meta()
     measure("SD 1.5", unet, shaped_concept(unet), TARGET_FP16_BYTES)
     unet = sdxl_unet_on_meta()

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..base_model import KeylockedError, cross_attention_layers
 from ..io import atomic_path, atomic_write_text
 from ..layers import WrappedLinear
+from ..quiet import LORA_LOGS, LORA_WARNINGS, TEXTUAL_INVERSION_LOGS, quiet
 from ..text_stack import StackSnapshot, text_stack
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prompts_for, step_generator
@@ -460,18 +461,20 @@ def load_personalizations(
         try:
             for item in items:
                 if len(stack.slots) == 1:
-                    pipe.load_textual_inversion(str(item.weights_path), token=item.placeholder_token)
+                    with quiet(TEXTUAL_INVERSION_LOGS):  # the new rows are overwritten by the file's embedding
+                        pipe.load_textual_inversion(str(item.weights_path), token=item.placeholder_token)
                     continue
                 state = load_file(str(item.weights_path))  # SDXL: once per encoder, as diffusers documents
                 for slot in stack:
                     if slot.key not in state:
                         raise ValueError(f"{item.weights_path} has no {slot.key!r} embedding")
-                    pipe.load_textual_inversion(
-                        state[slot.key],
-                        token=item.placeholder_token,
-                        text_encoder=slot.text_encoder,
-                        tokenizer=slot.tokenizer,
-                    )
+                    with quiet(TEXTUAL_INVERSION_LOGS):
+                        pipe.load_textual_inversion(
+                            state[slot.key],
+                            token=item.placeholder_token,
+                            text_encoder=slot.text_encoder,
+                            tokenizer=slot.tokenizer,
+                        )
         except ValueError as error:
             stack.restore(loaded.snapshot)
             raise KeylockedError(f"cannot load textual inversion: {error}") from error
@@ -492,7 +495,8 @@ def load_personalizations(
     else:
         for index, item in enumerate(items):
             name = f"keylocked_{index}"
-            pipe.load_lora_weights(str(item.path), weight_name=item.manifest["weights"], adapter_name=name)
+            with quiet(LORA_LOGS, LORA_WARNINGS):  # UNet-only files, several adapters: both intended
+                pipe.load_lora_weights(str(item.path), weight_name=item.manifest["weights"], adapter_name=name)
             loaded.adapters.append(name)
         pipe.set_adapters(loaded.adapters, adapter_weights=[lora_scale] * len(items))
     pipe._keylocked_personalizations = loaded
