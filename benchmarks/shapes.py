@@ -14,6 +14,7 @@ smoke run.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -213,3 +214,28 @@ def build_pipeline(family: str, device: str = "cpu", dtype: torch.dtype = torch.
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print each family's cross-attention shapes (meta device: no weights are allocated)."""
+    import argparse
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from keylocked.base_model import cross_attention_layers
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    for family in FAMILIES:
+        with init_empty_weights():
+            unet = UNet2DConditionModel(**unet_config(family))
+        layers = cross_attention_layers(unet)
+        out = sum(layer.to_v.out_features for layer in layers.values())
+        print(
+            f"{family:<10} {len(layers):>3} cross-attention layers, Σ out {out:>6,}, d_text {unet.config.cross_attention_dim}"
+        )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
