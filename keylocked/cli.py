@@ -28,7 +28,7 @@ from .generate import GenerateConfig
 from .training.config import TrainConfig
 
 EXIT_USER_ERROR = 2
-TRAIN_METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")  # keylocked.training.baselines.METHODS
+TRAIN_METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")  # keylocked.training.METHODS
 
 TRAIN_HELP = {
     "instance_data_dir": "folder of images of the concept (or one image file)",
@@ -143,7 +143,7 @@ def _covariance(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .training.baselines import train
+    from .training import train
 
     print(train(dataclass_from_args(TrainConfig, args), method=args.method))
 

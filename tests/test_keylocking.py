@@ -11,11 +11,11 @@ import keylocked
 from keylocked.base_model import cross_attention_layers, encode_prompts
 from keylocked.concept import Concept
 from keylocked.covariance import estimate_covariance
-from keylocked.layers import ConceptSlot, KeyLockedLinear
+from keylocked.layers import KeyLockedLinear
 from keylocked.loading import install_keylocked_layers, uninstall_keylocked_layers
 from keylocked.perfusion import concept_gate
 from keylocked.training import TrainConfig, train_concept
-from keylocked.training.trainer import ConceptParameters
+from keylocked.training.methods import ConceptParameters
 
 
 def config(instance_dir, output_dir, **overrides) -> TrainConfig:
@@ -66,18 +66,17 @@ def test_concept_token_key_is_gated_superclass_key(tiny_pipe):
     d = tiny_pipe.text_encoder.config.hidden_size
     context = install_keylocked_layers(tiny_pipe.unet, torch.eye(d))
     i_star, i_super = torch.randn(d), torch.randn(d)
-    context.concepts["<c>"] = ConceptSlot(i_star, i_super, beta=0.75, temperature=0.1)
-    context.active = {"<c>"}
+    targets = {name: torch.randn(layer.out_features) for name, layer in context.value_layers.items()}
+    context.add_concept("<c>", i_star, i_super, beta=0.75, tau=0.1, value_targets_by_layer=targets)
     layer = next(iter(cross_attention_layers(tiny_pipe.unet).values()))
     assert isinstance(layer.to_k, KeyLockedLinear)
-    layer.to_v.value_targets["<c>"] = torch.nn.Parameter(torch.randn(layer.to_v.out_features))
     with torch.no_grad():
         key = layer.to_k(i_star[None, None])  # (1, 1, out)
     gate = concept_gate(torch.tensor(1.0), 0.75, 0.1)
     expected = gate * (layer.to_k.base_layer.weight @ i_super)
     assert torch.allclose(key[0, 0], expected, atol=1e-5)
     # and with no active concept the wrapper is the stock projection
-    context.active = set()
+    context.set_options(active=())
     e = torch.randn(2, 5, d)
     assert torch.equal(layer.to_k(e), layer.to_k.base_layer(e))
     uninstall_keylocked_layers(tiny_pipe.unet)
@@ -96,10 +95,9 @@ def test_only_embedding_and_value_targets_receive_gradients(tiny_pipe):
     params = ConceptParameters(
         embedding.weight[super_id], torch.randn(d), {n: torch.randn(layer.out_features) for n, layer in layers.items()}
     )
-    context.concepts["<c>"] = ConceptSlot(params.concept_input, params.superclass_input, 0.75, 0.1)
-    context.active = {"<c>"}
-    for name, layer in layers.items():
-        layer.value_targets["<c>"] = params.value_target(name)
+    context.add_concept(
+        "<c>", params.concept_input, params.superclass_input, 0.75, 0.1, {n: params.value_target(n) for n in layers}
+    )
     hook = embedding.register_forward_hook(
         lambda m, i, o: torch.where((i[0] == super_id).unsqueeze(-1), params.token_embedding, o)
     )

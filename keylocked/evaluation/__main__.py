@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> None:
     """Evaluate the concepts named in ``args``; writes rows, summary and the Pareto plot."""
     from ..models import load_pipeline
-    from ..training.baselines import Personalization
+    from ..personalizations import Personalization
     from ..training.data import load_instance_images
     from .embedders import CLIPEmbedder, EmojiEvaluator
     from .evaluate import EvalConfig, EvalItem, evaluate
