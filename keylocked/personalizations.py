@@ -191,6 +191,11 @@ def load_personalizations(
                     state[f"deltas.{name}"].to(weight.device, weight.dtype), requires_grad=False
                 )
     else:
+        if getattr(pipe.unet, "_keylocked_context", None) is not None:
+            # peft cannot wrap a KeyLockedLinear; the other order works (the locked key then includes the LoRA)
+            raise KeylockedError(
+                "load LoRA weights before keylocked concepts: unload_concepts(), load the LoRA, reload"
+            )
         for index, item in enumerate(items):
             name = f"keylocked_{index}"
             pipe.load_lora_weights(str(item.path), weight_name=item.manifest["weights"], adapter_name=name)

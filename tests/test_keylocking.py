@@ -159,10 +159,34 @@ def test_resume_reproduces_an_uninterrupted_run(instance_dir, tmp_path):
     assert Concept.load(resumed).training["steps"] == 4
 
 
-def test_v_prediction_model_trains(tmp_path, instance_dir):
+def test_v_prediction_model_trains_against_the_velocity(tmp_path, instance_dir, monkeypatch):
+    """A v-prediction model's loss is the MSE against get_velocity(x0, ε, t), not against ε."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from keylocked.training import trainer
+    from keylocked.training.data import images_to_tensor, load_instance_images
+
     pipe = build_tiny_pipeline(prediction_type="v_prediction")
-    path = train_concept(config(instance_dir, tmp_path / "v", max_train_steps=1, mask="none"), pipe=pipe)
+    seen = []
+    original = trainer.masked_mse
+    monkeypatch.setattr(trainer, "masked_mse", lambda p, t, m: seen.append((p.detach(), t, m)) or original(p, t, m))
+    cfg = config(instance_dir, tmp_path / "v", max_train_steps=1, mask="none")
+    path = train_concept(cfg, pipe=pipe)
     assert Concept.load(path).training["mask"] == "none"
+    prediction, target, mask = seen[0]
+    assert mask is None
+    # the same micro-batch drawn for an epsilon model: its target is the noise ε itself
+    epsilon = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    instance = images_to_tensor(load_instance_images(cfg.instance_data_dir, trainer._resolution(cfg, pipe)))
+    latents, _, timesteps, noise, _, _ = trainer.noised_batch(
+        cfg, instance, trainer.step_generator_for(cfg, 0, 0), pipe.vae, epsilon, torch.device("cpu"), torch.float32
+    )
+    velocity = epsilon.get_velocity(latents, noise, timesteps)
+    assert torch.allclose(target, velocity, atol=1e-6)
+    loss = original(prediction, target, None)
+    assert torch.allclose(loss, F.mse_loss(prediction, velocity), atol=1e-6)
+    assert not torch.allclose(loss, F.mse_loss(prediction, noise), rtol=1e-3)
 
 
 def test_load_generate_unload_is_bit_identical(trained, tiny_pipe):
