@@ -273,8 +273,6 @@ def test_concept_then_lora_is_refused_and_changes_nothing(run, tmp_path):
         before = generate(pipe, "a <my-thing>")
         with pytest.raises(KeylockedError, match="load LoRA weights before keylocked concepts"):
             load_personalizations(pipe, [lora_dir])
-        with pytest.raises(ValueError, match="KeyLockedLinear"):  # diffusers' own loader: peft refuses, unchanged
-            pipe.load_lora_weights(str(lora_dir))
         with pytest.raises(KeylockedError, match="without loaded concepts"):
             train(config(instance, tmp_path / "lora2", max_train_steps=1), "lora", pipe=pipe)
         assert not getattr(pipe.unet, "peft_config", None)
