@@ -37,6 +37,7 @@ TRAIN_HELP = {
     "resolution": "training image size (default: the model's native size)",
     "mask": "loss mask: 'attention' (the UNet's own map of the concept), 'none', or a folder of mask images",
     "resume_from_checkpoint": "a checkpoint folder or 'latest'",
+    "overwrite": "replace another run's outputs and checkpoints in --output_dir (removed first)",
     "covariance": "covariance file from `keylocked covariance` (default: the cached vocabulary covariance)",
     "inference_beta": "recommended inference beta written into the concept file",
     "inference_tau": "recommended inference tau written into the concept file",

@@ -317,3 +317,15 @@ def test_attention_probe_records_the_softmax_of_diffusers_processor(tiny_pipe):
 
 def test_train_config_overwrite_defaults_off():
     assert TrainConfig("m", "d", "<t>", "bear").overwrite is False
+
+
+def test_evaluation_and_personalizations_do_not_import_training():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, keylocked.evaluation, keylocked.evaluation.evaluate, keylocked.personalizations; "
+        "print(sorted(m for m in sys.modules if m.startswith('keylocked.training')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -67,6 +67,10 @@ def train(config: TrainConfig, method: str = "perfusion", pipe=None, options: Ba
                 "--resume_from_checkpoint latest to continue that run, or choose another --output_dir"
             )
         resume_dir = _resume_dir(config, output_dir)
+        if previous and config.resume_from_checkpoint and resume_dir is None:
+            raise KeylockedError(
+                f"{output_dir} holds another run's outputs but no checkpoint to resume; use --overwrite"
+            )
         if pipe is None:
             from ..models import load_pipeline
 
