@@ -329,3 +329,19 @@ def test_evaluation_and_personalizations_do_not_import_training():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_baseline_resumes_exactly_too(run, tmp_path):
+    """The checkpoint format is the loop's, not Perfusion's: Textual Inversion resumes bit-exact."""
+    from safetensors.torch import load_file
+
+    pipe, instance, _ = run
+    straight = train(config(instance, tmp_path / "straight", max_train_steps=2), "textual-inversion", pipe=pipe)
+    train(config(instance, tmp_path / "resumed", max_train_steps=1), "textual-inversion", pipe=pipe)
+    resumed = train(
+        config(instance, tmp_path / "resumed", max_train_steps=2, resume_from_checkpoint="latest"),
+        "textual-inversion",
+        pipe=pipe,
+    )
+    assert torch.equal(load_file(str(straight))["<my-thing>"], load_file(str(resumed))["<my-thing>"])
+    assert (tmp_path / "resumed" / "checkpoint-1" / "learned_embeds.safetensors").is_file()
