@@ -180,7 +180,7 @@ def test_non_finite_numeric_flags_are_refused(field, value, tmp_path):
         (dict(learning_rate_values=-1.0), "learning_rate_values must be non-negative"),
         (dict(train_tau=0.0), "train_tau must be positive"),
         (dict(train_batch_size=2.5), "train_batch_size must be an integer"),
-        (dict(max_train_steps=0), "max_train_steps must be at least 1"),
+        (dict(max_train_steps=0), "max_train_steps must be positive"),
         (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
         (dict(overwrite=True, resume_from_checkpoint="latest"), "exclude each other"),
     ],

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..base_model import KeylockedError
-from ..validation import check_beta, check_finite, check_integer, check_non_negative, check_tau
+from ..validation import check_beta, check_finite, check_integer, check_non_negative, check_positive, check_tau
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -58,9 +58,11 @@ class TrainConfig:
             "num_validation_images",
             "num_inference_steps",
         ):
-            check_integer(name, getattr(self, name), minimum=1)
+            check_positive(name, check_integer(name, getattr(self, name)))
         if self.checkpoints_total_limit is not None:
-            check_integer("checkpoints_total_limit", self.checkpoints_total_limit, minimum=1)
+            check_positive(
+                "checkpoints_total_limit", check_integer("checkpoints_total_limit", self.checkpoints_total_limit)
+            )
         if self.resolution is not None:
             check_integer("resolution", self.resolution, minimum=8)
         check_integer("seed", self.seed)

@@ -92,6 +92,7 @@ def locked_output_dir(output_dir: Path) -> Iterator[None]:
     """Create and lock ``output_dir`` for one run (a second concurrent run fails at once)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise KeylockedError(f"output_dir {output_dir} is a file; give a folder")
+    created = not output_dir.exists()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         handle = open(output_dir / LOCK_FILENAME, "a")  # noqa: SIM115 (held for the whole run)
@@ -109,6 +110,12 @@ def locked_output_dir(output_dir: Path) -> Iterator[None]:
             probe.write_bytes(b"")
             probe.unlink()
         yield
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no folder behind
+            (output_dir / LOCK_FILENAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()  # only if empty
+        raise
     finally:
         handle.close()  # releases the lock
 
