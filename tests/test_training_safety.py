@@ -146,6 +146,7 @@ def test_disk_full_leaves_no_partial_file(run, tmp_path, monkeypatch, target):
     module = trainer_module if target == "trainer" else __import__("keylocked.concept", fromlist=["save_file"])
     monkeypatch.setattr(module, "save_file", full)
     out = tmp_path / "full"
+    out.mkdir()  # an existing folder: the run's lock file stays, nothing else may
     vocab = len(pipe.tokenizer)
     with pytest.raises(KeylockedError, match="disk is full"):
         train_concept(config(instance, out, max_train_steps=1), pipe=pipe)
