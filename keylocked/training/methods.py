@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..base_model import KeylockedError, encode_prompts, single_token_id
 from ..concept import Concept
 from ..covariance import Covariance, pipeline_folder, resolve_covariance
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_write_text, save_safetensors
 from ..layers import KeyLockedContext, effective_linear
 from ..loading import install_keylocked_layers, uninstall_keylocked_layers
 from ..personalizations import (
@@ -424,6 +423,4 @@ def _save_tensors(
     path: Path, tensors: dict[str, Tensor], dtype: torch.dtype, metadata: dict[str, str] | None = None
 ) -> Path:
     tensors = {k: t.detach().to("cpu", dtype).contiguous() for k, t in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path
+    return save_safetensors(tensors, path, metadata or {})

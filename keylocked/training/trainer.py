@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..base_model import KeylockedError, encode_prompts
-from ..io import atomic_path, atomic_write_text, read_safetensors_header
+from ..io import atomic_path, atomic_write_text, read_safetensors_header, save_safetensors
 from ..loading import pipeline_fingerprint
 from ..personalizations import CONCEPT_FILENAME, OUTPUT_FILENAMES
 from ..tokens import TokenizerSnapshot, add_tokens, restore_vocabulary
@@ -219,8 +219,8 @@ def _check_shapes(checkpoint: Path, state: dict[str, Any], tensors: dict[str, Te
     expected = {name: list(t.shape) for name, t in tensors.items()}
     if state["trainables"] != expected:
         raise KeylockedError(f"{checkpoint}: its trainable tensors do not match this run's (names or shapes differ)")
-    _, dtypes = read_safetensors_header(checkpoint / TRAINABLE_FILENAME, "checkpoint trainables")
-    if set(dtypes) != set(expected):
+    header = read_safetensors_header(checkpoint / TRAINABLE_FILENAME, "checkpoint trainables")
+    if {name: list(info.shape) for name, info in header.tensors.items()} != expected:
         raise KeylockedError(f"{checkpoint}: {TRAINABLE_FILENAME} does not hold this run's trainables")
     read_safetensors_header(checkpoint / OPTIMIZER_FILENAME, "checkpoint optimizer state")
 
@@ -281,11 +281,10 @@ def _save_checkpoint(
         with _writing(output_dir):
             partial.mkdir()
             tensors = runner.state()
-            with atomic_path(partial / TRAINABLE_FILENAME) as tmp:
-                save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp))
+            trainables = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+            save_safetensors(trainables, partial / TRAINABLE_FILENAME, {})
             optimizer_tensors, groups = _optimizer_state(optimizer)
-            with atomic_path(partial / OPTIMIZER_FILENAME) as tmp:
-                save_file(optimizer_tensors, str(tmp))
+            save_safetensors(optimizer_tensors, partial / OPTIMIZER_FILENAME, {})
             runner.save(partial, step, info)
             state = {
                 "format": CHECKPOINT_FORMAT,
