@@ -33,6 +33,7 @@ from ..base_model import KeylockedError, encode_prompts
 from ..io import atomic_path, atomic_write_text, read_safetensors_header, save_safetensors
 from ..loading import pipeline_fingerprint
 from ..personalizations import CONCEPT_FILENAME, OUTPUT_FILENAMES
+from ..quiet import LOADING_LOGS, quiet
 from ..tokens import TokenizerSnapshot, add_tokens, restore_vocabulary
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prompts_for, sample_batch, step_generator
@@ -329,9 +330,10 @@ def freeze_and_place(pipe, device: torch.device, mixed_precision: str) -> torch.
             module.requires_grad_(False)
             module.eval()
     pipe.text_encoder.to(device)
-    pipe.unet.to(device, weight_dtype)
-    if pipe.vae is not None:
-        pipe.vae.to(device, weight_dtype)
+    with quiet(LOADING_LOGS):  # diffusers' "modules that should be kept in float32: []" note
+        pipe.unet.to(device, weight_dtype)
+        if pipe.vae is not None:
+            pipe.vae.to(device, weight_dtype)
     return weight_dtype
 
 
