@@ -337,7 +337,8 @@ def test_sdxl_demo_learns_the_bundled_views(sdxl_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["textual-inversion", "custom-diffusion", "lora"])
 def test_sdxl_baselines_in_their_ecosystem_formats(sdxl_trained, method, tmp_path):
-    from keylocked.training.baselines import load_personalizations, train, unload_personalizations
+    from keylocked.personalizations import load_personalizations, unload_personalizations
+    from keylocked.training import train
 
     pipe, stock, _, _ = sdxl_trained
     path = train(
