@@ -241,7 +241,9 @@ class Perfusion(TrainingMethod):
         ]
 
     def state(self) -> dict[str, Tensor]:
-        return {name: tensor for name, tensor in self.params.state_dict(keep_vars=True).items()}
+        # embeddings by their encoder key ("token_embedding"; SDXL "clip_l", "clip_g"), as the baselines name them
+        state = self.params.state_dict(keep_vars=True)
+        return {name.removeprefix("token_embeddings."): tensor for name, tensor in state.items()}
 
     def observe(self, encodings: Tensor, is_placeholder: Tensor | None) -> None:
         # the concept token's encodings drive the i* EMA (the gate's anchor)
