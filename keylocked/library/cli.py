@@ -71,7 +71,7 @@ def _init(args: argparse.Namespace) -> None:
 
 
 def _upgrade(args: argparse.Namespace) -> None:
-    with _open(args) as library:
+    with Library.open(args.library, blobs=args.blobs, upgrade=True) as library:
         revision = library.upgrade()
     _print_json({"revision": revision}) if args.json else print(f"schema at revision {revision}")
 
