@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,8 @@ def postgres_cluster():
     try:
         cluster = PostgresCluster()
     except (RuntimeError, OSError) as error:
-        pytest.skip(f"PostgreSQL tests skipped: {error}")
+        # A warning as well as the skip: `pytest -q` prints warnings, but skip reasons only with -rs.
+        warnings.warn(f"PostgreSQL library tests skipped: {error}", stacklevel=1)
+        pytest.skip(f"PostgreSQL library tests skipped: {error}")
     yield cluster
     cluster.stop()

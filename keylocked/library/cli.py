@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -45,7 +46,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(*["" if cell is None else str(cell) for cell in row])
-    Console(soft_wrap=True).print(table)
+    # Piped output (a log, a test) gets one wide line per row instead of rich's 80-column wrapping.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 def _when(value: datetime | None) -> str:
