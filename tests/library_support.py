@@ -117,3 +117,16 @@ def postgres_cluster():
         pytest.skip(f"PostgreSQL library tests skipped: {error}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def cheap_key_hashing(monkeypatch):
+    """argon2id at its smallest cost: the tests create and check many keys on a shared 2-core machine.
+
+    ``test_secret_is_stored_only_as_an_argon2_hash`` checks the production parameters separately.
+    """
+    from argon2 import PasswordHasher
+
+    from keylocked.library import keys
+
+    monkeypatch.setattr(keys, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))

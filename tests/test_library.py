@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from library_support import FINGERPRINT, make_concept_file, postgres_cluster  # noqa: F401
+from library_support import FINGERPRINT, cheap_key_hashing, make_concept_file, postgres_cluster  # noqa: F401
 from sqlalchemy import create_engine, inspect, text
 
 from keylocked import KeylockedError
@@ -34,6 +34,7 @@ class Env:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def env(request, tmp_path):
+    request.getfixturevalue("cheap_key_hashing")
     if request.param == "sqlite":
         location, blobs = str(tmp_path / "lib"), tmp_path / "lib" / "blobs"
         library = Library.init(location)
@@ -122,8 +123,12 @@ def test_versions_grants_keys_resolve_and_audit(env):
     assert lib.verify(api_key=admin).ok and lib.verify_audit(api_key=admin).ok
 
 
-def test_secret_is_stored_only_as_an_argon2_hash(env):
-    created = env.library.create_key("designer", ["publish"], api_key=env.admin)
+def test_secret_is_stored_only_as_an_argon2_hash(env, monkeypatch):
+    from keylocked.library import keys
+
+    monkeypatch.undo()  # the production hasher, not the tests' cheap one
+    assert keys._HASHER.memory_cost == 19456 and keys._HASHER.time_cost == 2
+    created = env.library.create_key("designer", ["publish", "use"], api_key=env.admin)
     secret = created.key.split("_", 2)[2]
     with env.library.engine.connect() as connection:
         rows = connection.execute(text("SELECT prefix, secret_hash FROM api_keys")).all()
@@ -132,6 +137,8 @@ def test_secret_is_stored_only_as_an_argon2_hash(env):
         )
     assert secret not in dump
     assert all(h.startswith("$argon2id$") for _, h in rows)
+    assert "m=19456,t=2" in rows[-1][1]
+    assert env.library.list(api_key=created.key) == []  # the stored hash verifies the key
 
 
 # ---------------------------------------------------------------------------------------

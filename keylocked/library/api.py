@@ -427,14 +427,20 @@ class Library:
         *,
         notes: str = "",
         base_model_name: str = "",
+        project: str | None = None,
         api_key: str | None = None,
     ) -> VersionInfo:
-        """Register a concept file as the next draft version of ``name`` (the concept is created if new)."""
+        """Register a concept file as the next draft version of ``name`` (the concept is created if new).
+
+        ``project``: the project it was trained for (checked against the key, recorded in the audit row).
+        """
         _check_name("concept", name)
+        if project:
+            _check_name("project", project)
         data = _read_file(path)
-        with self._operation("version.add", api_key, "publish", concept=name) as (session, caller):
-            version = self._add_version(session, caller, data, name, notes, base_model_name, source=str(path))
-            return version
+        with self._operation("version.add", api_key, "publish", concept=name, project=project) as (session, caller):
+            details = {"project": project} if project else None
+            return self._add_version(session, caller, data, name, notes, base_model_name, str(path), details)
 
     def _add_version(
         self,
@@ -507,6 +513,7 @@ class Library:
             "version.add",
             concept=name,
             version=number,
+            project=(details or {}).get("project", ""),
             details={"sha256": sha256, "bytes": len(data), "source": source, **(details or {})},
         )
         return _version_info(row, name)
