@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``keylocked evaluate`` (also ``python -m keylocked.evaluation``)."""
     parser.add_argument("--pretrained_model_name_or_path", required=True)
-    parser.add_argument("--concept", action="append", required=True, help="concept file or baseline folder (repeat)")
+    parser.add_argument(
+        "--concept", action="append", required=True, help="concept file, baseline folder or library NAME[@N] (repeat)"
+    )
     parser.add_argument(
         "--references", action="append", required=True, help="folder of the concept's training images (repeat)"
     )
@@ -50,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_base", action="store_true", help="skip the stock-model reference rows")
     parser.add_argument("--save_images", action="store_true")
     parser.add_argument("--output", type=Path, default=Path("keylocked-eval"))
+    parser.add_argument("--project", help="concept library project, for --concept NAME[@VERSION] (docs/library.md)")
+    parser.add_argument("--api_key", help="concept library key (default $KEYLOCKED_API_KEY; none: the local owner)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> None:
     """Evaluate the concepts named in ``args``; writes rows, summary and the Pareto plot."""
+    from ..library.resolve import looks_like_reference, resolve_concept_sources
+    from ..loading import pipeline_fingerprint
     from ..models import load_pipeline
     from ..training.baselines import Personalization
     from ..training.data import load_instance_images
@@ -83,8 +89,14 @@ def run(args: argparse.Namespace) -> None:
         guidance_scale=args.guidance_scale,
         images_dir=str(args.output / "images") if args.save_images else None,
     )
+    pipe = None
+    if any(looks_like_reference(c) for c in args.concept):  # library references need the model's fingerprint
+        pipe = load_pipeline(args.pretrained_model_name_or_path)
+        args.concept, _ = resolve_concept_sources(
+            args.concept, project=args.project, api_key=args.api_key, base_model_fingerprint=pipeline_fingerprint(pipe)
+        )
     items = [Personalization.from_path(path) for path in args.concept]  # validate before loading models
-    pipe = load_pipeline(args.pretrained_model_name_or_path)
+    pipe = pipe or load_pipeline(args.pretrained_model_name_or_path)
     embedder = EmojiEvaluator.load() if args.embedder == "emoji" else CLIPEmbedder(args.embedder)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
     resolution = scale * int(pipe.unet.config.sample_size)
