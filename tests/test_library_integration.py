@@ -60,14 +60,12 @@ def test_train_register_then_generate_and_load_by_reference(tmp_path, tiny_model
     assert generation.details["prompt"] == "a photo of a <cube>"
     assert generation.details["images"] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in pngs]
 
-    capsys.readouterr()
-    assert main([*map(str, argv), "--project", "client-b"]) == 2
-    assert "project 'client-b' has no grant for 'tiny-cube'" in capsys.readouterr().err
-
     # The Python API: a reference loads like a file; another base model is a refusal with an audit row.
     pipe = build_tiny_pipeline()
     assert keylocked.load_concepts(pipe, ["tiny-cube"], project="client-a", api_key=service) == ["<cube>"]
     keylocked.unload_concepts(pipe)
+    with pytest.raises(KeylockedError, match="project 'client-b' has no grant for 'tiny-cube'"):
+        keylocked.load_concepts(pipe, ["tiny-cube"], project="client-b", api_key=service)
     other = build_tiny_pipeline(seed=1)
     with pytest.raises(KeylockedError, match="for another base model"):
         keylocked.load_concepts(other, ["tiny-cube@1"], project="client-a", api_key=service)
