@@ -28,7 +28,7 @@ def make_concept_file(path: Path, seed: int = 0, fingerprint: str = FINGERPRINT,
     Concept(
         placeholder_token=token,
         superclass_token="mug",
-        token_embedding=torch.randn(8, generator=g),
+        token_embeddings=torch.randn(8, generator=g),
         concept_input=torch.randn(8, generator=g),
         superclass_input=torch.randn(8, generator=g),
         value_targets={"down_blocks.0.attn2": torch.randn(4, generator=g)},
