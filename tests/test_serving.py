@@ -116,8 +116,8 @@ def test_rows_are_edited_with_their_own_concepts_only(tiny_pipe):
         swapped = run(prompts, 2, [0, 1, 2, 3])
     # the UNet's own batch-size numerics (BLAS kernels) stay below 1e-5; a wrong row assignment does not
     np.testing.assert_allclose(mixed, np.concatenate([alone_a, alone_b]), atol=1e-5)
-    assert np.abs(union - mixed).max() > 1e-2  # the union of the batch is another edit
-    assert np.abs(swapped - mixed).max() > 1e-2
+    assert np.abs(union - mixed).max() > 1e-3  # the union of the batch is another edit (100x the tolerance)
+    assert np.abs(swapped - mixed).max() > 1e-3
     with pytest.raises(keylocked.KeylockedError, match="row plan has 3 rows"):
         with row_concepts(tiny_pipe, [["<a>"], None, ["<b>"]]):
             tiny_pipe("a <a>", num_inference_steps=1, guidance_scale=1.0, num_images_per_prompt=2)
