@@ -265,13 +265,15 @@ def test_a_failing_or_cancelled_request_does_not_break_the_others(pool, files, t
     cancelled = engine.submit(request("a bear"))
     assert cancelled.cancel()
     twice = engine.submit(request("a <teddy>", [ConceptRef(files[0]), ConceptRef(files[0])]))
+    twin = str(make_concept(pool.pipe, "<twin>", "bear", 1).save(tmp_path / "twin.safetensors"))  # teddy's i*
+    inseparable = engine.submit(request("a <teddy> <twin>", [ConceptRef(files[0]), ConceptRef(twin)]))
     engine.start()
     engine.close()
     assert len(good.result()) == 1
-    for future in (bad, missing, twice):
+    for future in (bad, missing, twice, inseparable):
         with pytest.raises(keylocked.KeylockedError):
             future.result()
-    assert (engine.metrics.completed, engine.metrics.failed, engine.metrics.cancelled) == (1, 3, 1)
+    assert (engine.metrics.completed, engine.metrics.failed, engine.metrics.cancelled) == (1, 4, 1)
     with pytest.raises(keylocked.KeylockedError, match="shut down"):
         engine.submit(request("a bear"))
 

@@ -276,6 +276,7 @@ class GenerationEngine:
         tokens = [entry.concept.placeholder_token for entry, _ in entries]
         if len(set(tokens)) != len(tokens):
             raise KeylockedError(f"two of the request's concepts use the same token: {sorted(tokens)}")
+        self.pool.check_together(entry for entry, _ in entries)
         return _Prepared(job, entries)
 
     def _fit_slots(self, prepared: list[_Prepared]) -> Iterator[list[_Prepared]]:
