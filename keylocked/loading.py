@@ -100,8 +100,8 @@ class _Installation:
     def swaps(self, encoder: int) -> dict[int, int]:
         """Global locking, encoder ``encoder``: active concept token id -> its super-category's id."""
         context = self.context
-        if context.lock != "global" or not context.active:
-            return {}
+        if context.row_plan is not None or context.lock != "global" or not context.active:
+            return {}  # per-row concept sets register their own twins (_row_plan_hook)
         return {self.token_ids[t][encoder]: self.superclass_ids[t][encoder] for t in context.active}
 
 
@@ -246,6 +246,9 @@ def load_concepts(
         installation = _Installation(context=context, covariance=resolved, stack=stack, snapshot=snapshot)
         pipe.unet._keylocked_installation = installation
         installation.hooks = stack.register_twin_hooks(installation.swaps, context.register_global_pair)
+        installation.hooks.append(
+            stack.text_encoders[0].register_forward_hook(_row_plan_hook(installation), with_kwargs=True)
+        )
     token_ids = stack.add_tokens({c.placeholder_token: c.token_embeddings for c in loaded})
     installation.token_ids.update(token_ids)
     installation.superclass_ids.update(superclass_ids)
@@ -307,3 +310,30 @@ def unload_concepts(pipe) -> None:
     uninstall_keylocked_layers(pipe.unet)
     installation.stack.restore(installation.snapshot)
     del pipe.unet._keylocked_installation
+
+
+def _row_plan_hook(installation: _Installation):
+    """Text-encoder hook (first encoder) for per-row concept sets (``keylocked.rows``): twins per
+    global set. Per-row global locking is single-encoder for now; the stack's twin hooks serve the
+    pipeline-wide lock (every encoder, SDXL included)."""
+    busy = [False]
+
+    def hook(module, args, kwargs, output):
+        context = installation.context
+        if busy[0] or context.row_plan is None:
+            return None
+        busy[0] = True
+        try:
+            context.row_plan.register_twins(
+                module,
+                args,
+                kwargs,
+                output,
+                {t: ids[0] for t, ids in installation.token_ids.items()},
+                {t: ids[0] for t, ids in installation.superclass_ids.items()},
+            )
+        finally:
+            busy[0] = False
+        return None
+
+    return hook
