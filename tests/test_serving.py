@@ -28,7 +28,7 @@ def make_concept(pipe, token: str, superclass: str, seed: int) -> Concept:
     return Concept(
         placeholder_token=token,
         superclass_token=superclass,
-        token_embedding=torch.randn(d_embed, generator=generator),
+        token_embeddings=torch.randn(d_embed, generator=generator),
         concept_input=torch.randn(d_text, generator=generator),
         superclass_input=torch.randn(d_text, generator=generator),
         value_targets={
