@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .base_model import KeylockedError
+from .edit_options import EDITS, KEY_LOCKS
 from .io import atomic_path, read_safetensors_header
+from .validation import check_choice
 
 FORMAT_NAME = "keylocked.perfusion.concept"
 FORMAT_VERSION = 1
@@ -41,6 +43,8 @@ class Concept:
     beta: float = 0.7  # recommended inference values
     temperature: float = 0.15
     training: dict[str, Any] = field(default_factory=dict)
+    edit: str = "paper"  # edit form trained with (edit_options.EDITS); the default at inference
+    key_lock: str = "paper"  # key lock trained with (edit_options.KEY_LOCKS)
 
     def __post_init__(self) -> None:
         if not self.placeholder_token or any(c.isspace() for c in self.placeholder_token):
@@ -86,6 +90,8 @@ class Concept:
             "beta": repr(self.beta),
             "tau": repr(self.temperature),
             "training": json.dumps(self.training, sort_keys=True),
+            "edit": self.edit,
+            "key_lock": self.key_lock,
         }
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
@@ -110,6 +116,11 @@ class Concept:
             raise KeylockedError(
                 f"{path}: not a complete keylocked concept (missing {sorted(missing) or 'value targets'})"
             )
+        try:  # files written before these options existed used the paper's forms
+            edit = check_choice("edit", metadata.get("edit", "paper"), EDITS)
+            key_lock = check_choice("key_lock", metadata.get("key_lock", "paper"), KEY_LOCKS)
+        except KeylockedError as error:
+            raise KeylockedError(f"{path}: {error}") from error
         try:
             return cls(
                 placeholder_token=metadata["placeholder_token"],
@@ -125,6 +136,8 @@ class Concept:
                 beta=float(metadata.get("beta", 0.7)),
                 temperature=float(metadata.get("tau", 0.15)),
                 training=json.loads(metadata.get("training", "{}")),
+                edit=edit,
+                key_lock=key_lock,
             )
         except (KeyError, ValueError, json.JSONDecodeError) as error:
             raise KeylockedError(f"{path}: malformed keylocked metadata ({error})") from error

@@ -4,7 +4,8 @@ Which positions enter C: every position the tokenizer marks as real text (attent
 the start token, the words and the end token; padding is left out. The edit is applied to
 every position, but padding rows are near-copies of the end token whose count depends only
 on ``model_max_length``; counting them would weight C by prompt length rather than by
-content. See docs/method.md.
+content. ``positions="all"`` counts them too (every position cross-attention sees), an
+ablation option (docs/method.md).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from tqdm.auto import tqdm
 from .base_model import KeylockedError, text_encoder_fingerprint, tokenize
 from .io import atomic_path, read_safetensors_header
 from .perfusion import SecondMomentAccumulator, invert_covariance
+from .validation import check_choice
 
 FORMAT_NAME = "keylocked.covariance"
 FORMAT_VERSION = 1
 TOKEN_RULE = "attention-mask positions (start, words, end; no padding)"
+TOKEN_RULES = {"text": TOKEN_RULE, "all": "all positions (start, words, end, padding)"}
 VOCAB_TEMPLATES = (
     "a photo of a {}",
     "a {} on a table",
@@ -138,8 +141,11 @@ def estimate_covariance(
     ridge: float = 1e-4,
     corpus_name: str | None = None,
     progress: bool = True,
+    positions: str = "text",
 ) -> Covariance:
-    """C = E[e eᵀ] over the real-text positions of a caption corpus (float64), then C⁻¹."""
+    """C = E[e eᵀ] over the real-text positions (``positions="all"``: every position) of a caption
+    corpus (float64), then C⁻¹."""
+    check_choice("covariance positions", positions, tuple(TOKEN_RULES))
     prompts = list(prompts) if prompts is not None else vocabulary_prompts(tokenizer)
     corpus_name = corpus_name or ("tokenizer-vocabulary-templates" if prompts else "empty")
     accumulator = SecondMomentAccumulator(int(text_encoder.config.hidden_size))
@@ -149,13 +155,13 @@ def estimate_covariance(
         input_ids = tokens.input_ids.to(text_encoder.device)
         mask = tokens.attention_mask.to(text_encoder.device)
         encodings = text_encoder(input_ids, attention_mask=mask if use_mask else None)[0]  # (B, T, d)
-        accumulator.update(encodings[mask.bool()])  # (N_real, d)
+        accumulator.update(encodings[mask.bool()] if positions == "text" else encodings)  # (N, d)
     inverse, added_ridge, condition = invert_covariance(accumulator.second_moment(), ridge=ridge)
     fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
     info = {
         "corpus": corpus_name,
         "num_prompts": str(len(prompts)),
-        "token_rule": TOKEN_RULE,
+        "token_rule": TOKEN_RULES[positions],
         "count": str(accumulator.count),
         "ridge": repr(added_ridge),
         "condition_number": f"{condition:.6g}",
@@ -186,12 +192,18 @@ def _bundled_covariances() -> list[Path]:
 
 
 def default_covariance(
-    text_encoder: nn.Module, tokenizer, progress: bool = True, model_dir: str | os.PathLike | None = None
+    text_encoder: nn.Module,
+    tokenizer,
+    progress: bool = True,
+    model_dir: str | os.PathLike | None = None,
+    positions: str = "text",
 ) -> Covariance:
     """This text encoder's covariance: one bundled with the model (``model_dir`` or an embedded
-    model) if its fingerprint matches, else the vocabulary-corpus one, computed once and cached."""
+    model) if its fingerprint and position rule match, else the vocabulary-corpus one, computed
+    once and cached."""
     fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
-    path = cache_dir() / f"{fingerprint[:32]}-vocab-v{FORMAT_VERSION}.safetensors"
+    suffix = "" if positions == "text" else f"-{positions}"
+    path = cache_dir() / f"{fingerprint[:32]}-vocab{suffix}-v{FORMAT_VERSION}.safetensors"
     candidates = ([Path(model_dir) / BUNDLED_FILENAME] if model_dir else []) + _bundled_covariances() + [path]
     for candidate in candidates:
         if candidate.is_file():
@@ -199,9 +211,10 @@ def default_covariance(
                 covariance = Covariance.load(candidate)
             except KeylockedError:
                 continue  # a corrupt cache entry is recomputed
-            if covariance.text_encoder_fingerprint == fingerprint:
+            rule = covariance.info.get("token_rule", TOKEN_RULE)
+            if covariance.text_encoder_fingerprint == fingerprint and rule == TOKEN_RULES[positions]:
                 return covariance
-    covariance = estimate_covariance(text_encoder, tokenizer, progress=progress)
+    covariance = estimate_covariance(text_encoder, tokenizer, progress=progress, positions=positions)
     try:
         covariance.save(path)
     except OSError:
@@ -215,10 +228,11 @@ def resolve_covariance(
     path: str | os.PathLike | None = None,
     progress: bool = True,
     model_dir: str | os.PathLike | None = None,
+    positions: str = "text",
 ) -> Covariance:
-    """The covariance at ``path`` (checked against the text encoder), or the default one."""
+    """The covariance at ``path`` (checked against the text encoder), or the default one over ``positions``."""
     if path is None:
-        return default_covariance(text_encoder, tokenizer, progress=progress, model_dir=model_dir)
+        return default_covariance(text_encoder, tokenizer, progress=progress, model_dir=model_dir, positions=positions)
     covariance = Covariance.load(path)
     dim = int(text_encoder.config.hidden_size)
     if covariance.inverse.shape[0] != dim:

@@ -14,8 +14,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from .base_model import KeylockedError, tokenize
 from .concept import read_metadata
+from .edit_options import EDITS, KEY_LOCKS
 from .io import atomic_path
 from .loading import load_concepts, unload_concepts
+from .validation import check_choice
 from .visual import image_grid
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ class GenerateConfig:
     beta: float | list[float] | None = None  # one for all, one per concept, or None: each file's recommendation
     tau: float | list[float] | None = None
     lock: Literal["local", "global"] = "local"
+    edit: str | None = None  # "paper" | "gated_residual"; None: the form the concepts were trained with
+    key_lock: str | None = None  # "paper" | "exact"; None: the form the concepts were trained with
     num_images: int = 4
     seed: int = 0  # image i uses seed + i
     num_inference_steps: int = 25
@@ -53,6 +57,10 @@ class GenerateConfig:
                 raise KeylockedError(f"tau must be positive, got {tau!r}")
         if self.lock not in ("local", "global"):
             raise KeylockedError(f"lock must be 'local' or 'global', got {self.lock!r}")
+        if self.edit is not None:
+            check_choice("edit", self.edit, EDITS)
+        if self.key_lock is not None:
+            check_choice("key_lock", self.key_lock, KEY_LOCKS)
         for name in ("num_images", "num_inference_steps"):
             if getattr(self, name) < 1:
                 raise KeylockedError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -110,6 +118,8 @@ def generate(config: GenerateConfig, pipe=None) -> list[Path]:
         beta=_by_token(config.beta, tokens),
         tau=_by_token(config.tau, tokens),
         lock=config.lock,
+        edit=config.edit,
+        key_lock=config.key_lock,
         covariance=config.covariance,
         strict=not config.allow_other_base_model,
     )

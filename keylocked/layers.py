@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .perfusion import keylocked_projection
+from .edit_options import ConceptPositions
+from .perfusion import keylocked_projection, lock_concept_keys
 
 Lock = Literal["local", "global"]
 Role = Literal["key", "value"]
@@ -44,6 +45,9 @@ class KeyLockedContext:
     # looks its input up here.
     global_key_pairs: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     revision: int = 0  # bumped on every change, invalidates the per-prompt caches
+    edit: str = "paper"  # perfusion.EDIT_FORMS: "paper" | "gated_residual"
+    key_lock: str = "paper"  # "paper" | "exact" (edit_options.KEY_LOCKS)
+    positions: ConceptPositions = field(default_factory=ConceptPositions)  # concept tokens by id, for "exact"
 
     def active_names(self) -> list[str]:
         return [name for name in self.concepts if name in self.active]
@@ -153,7 +157,11 @@ class KeyLockedLinear(WrappedLinear):
             input_covariance_inv=context.input_covariance_inv.to(device),
             beta=torch.tensor([slot.beta for slot in slots], device=device),
             temperature=torch.tensor([slot.temperature for slot in slots], device=device),
+            edit=context.edit,
         )
+        if self.role == "key" and context.key_lock == "exact":
+            locked_keys = self.base_layer(torch.stack([slot.superclass_input for slot in slots]).to(output))  # (n, out)
+            output = lock_concept_keys(output, context.positions.lookup(encodings, names), locked_keys)
         if cacheable:
             self._cache = (encodings, encodings._version, context.revision, output)
         else:

@@ -16,8 +16,10 @@ from torch import Tensor, nn
 from .base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, single_token_id
 from .concept import Concept
 from .covariance import Covariance, base_vocabulary_size, pipeline_folder, resolve_covariance
+from .edit_options import EDITS, KEY_LOCKS, track_concept_positions
 from .layers import ConceptSlot, KeyLockedContext, KeyLockedLinear, Lock, WrappedLinear
 from .tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
+from .validation import check_choice
 
 logger = logging.getLogger(__name__)
 PerConcept = float | Mapping[str, float] | None
@@ -79,6 +81,7 @@ class _Installation:
     token_ids: dict[str, int] = field(default_factory=dict)
     superclass_ids: dict[str, int] = field(default_factory=dict)
     hook: object | None = None
+    position_hook: object | None = None  # records concept token positions (exact key lock)
 
 
 def _installation(pipe) -> _Installation | None:
@@ -140,13 +143,16 @@ def load_concepts(
     lock: Lock = "local",
     covariance: str | os.PathLike | Covariance | None = None,
     strict: bool = True,
+    edit: str | None = None,
+    key_lock: str | None = None,
 ) -> list[str]:
     """Load concept files into a Stable Diffusion-style pipeline; returns their tokens.
 
     ``beta``/``tau`` are a float for all concepts, a {token: value} mapping, or None for
     each concept's recommended values. Lower beta = stronger concept; higher = closer to the
     prompt. ``lock`` is "local" (default) or "global". Call ``unload_concepts`` to restore
-    the stock pipeline.
+    the stock pipeline. ``edit`` ("paper" | "gated_residual") and ``key_lock`` ("paper" |
+    "exact") select the edit's variant (docs/method.md); None: the form the concepts were trained with.
     """
     if isinstance(concepts, (str, os.PathLike, Concept)):
         concepts = [concepts]
@@ -161,6 +167,8 @@ def load_concepts(
     if not loaded:
         raise KeylockedError("no concepts given")
     installation = _installation(pipe)
+    edit = _edit_option("edit", edit, [c.edit for c in loaded], EDITS, installation)
+    key_lock = _edit_option("key_lock", key_lock, [c.key_lock for c in loaded], KEY_LOCKS, installation)
     tokens = [c.placeholder_token for c in loaded]
     duplicates = {t for t in tokens if tokens.count(t) > 1} | (
         set(tokens) & set(installation.concepts if installation else ())
@@ -199,8 +207,10 @@ def load_concepts(
         installation.hook = pipe.text_encoder.register_forward_hook(
             _global_lock_hook(pipe, installation), with_kwargs=True
         )
+        installation.position_hook = track_concept_positions(pipe.text_encoder, context.positions)
     token_ids = add_tokens(pipe.tokenizer, pipe.text_encoder, {c.placeholder_token: c.token_embedding for c in loaded})
     installation.token_ids.update(token_ids)
+    installation.context.positions.token_ids.update(token_ids)
     installation.superclass_ids.update(superclass_ids)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     context = installation.context
@@ -221,14 +231,34 @@ def load_concepts(
             )
         context.active.add(token)
     context.lock = lock
+    context.edit, context.key_lock = edit, key_lock
     context.touch()
     return tokens
 
 
+def _edit_option(name: str, value: str | None, trained: list[str], choices, installation) -> str:
+    """An explicit choice, else what is in force, else the form every concept was trained with."""
+    if value is not None:
+        return check_choice(name, value, choices)
+    if installation is not None:
+        return getattr(installation.context, name)
+    if len(set(trained)) > 1:
+        raise KeylockedError(
+            f"the concepts were trained with different {name} forms {sorted(set(trained))}; pass {name}="
+        )
+    return trained[0]
+
+
 def set_concept_options(
-    pipe, beta: PerConcept = None, tau: PerConcept = None, lock: Lock | None = None, active: Iterable[str] | None = None
+    pipe,
+    beta: PerConcept = None,
+    tau: PerConcept = None,
+    lock: Lock | None = None,
+    active: Iterable[str] | None = None,
+    edit: str | None = None,
+    key_lock: str | None = None,
 ) -> None:
-    """Change β, τ, the lock mode or the active set of loaded concepts, without reloading."""
+    """Change β, τ, the lock mode, the edit form, the key lock or the active set, without reloading."""
     installation = _installation(pipe)
     if installation is None:
         raise KeylockedError("no keylocked concepts are loaded in this pipeline")
@@ -243,6 +273,10 @@ def set_concept_options(
         if unknown:
             raise KeylockedError(f"unknown concept token(s) {sorted(unknown)}; loaded: {sorted(context.concepts)}")
         context.active = active
+    if edit is not None:
+        context.edit = check_choice("edit", edit, EDITS)
+    if key_lock is not None:
+        context.key_lock = check_choice("key_lock", key_lock, KEY_LOCKS)
     for token, slot in context.concepts.items():
         slot.beta = _per_concept(beta, token, slot.beta)
         slot.temperature = _per_concept(tau, token, slot.temperature)
@@ -259,8 +293,9 @@ def unload_concepts(pipe) -> None:
     installation = _installation(pipe)
     if installation is None:
         return
-    if installation.hook is not None:
-        installation.hook.remove()
+    for hook in (installation.hook, installation.position_hook):
+        if hook is not None:
+            hook.remove()
     uninstall_keylocked_layers(pipe.unet)
     restore_vocabulary(pipe.tokenizer, pipe.text_encoder, installation.snapshot)
     del pipe.unet._keylocked_installation

@@ -63,3 +63,10 @@ def check_per_concept(
             raise KeylockedError(f"{name} names unknown concept token(s) {unknown}; loaded: {sorted(tokens)}")
         return {token: check(v, f"{name}[{token!r}]") for token, v in value.items()}
     return check(value, name)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:
+    """One of a fixed set of option names."""
+    if not isinstance(value, str) or value not in choices:
+        raise KeylockedError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value

@@ -25,6 +25,7 @@ from ..base_model import (
 )
 from ..concept import Concept
 from ..covariance import pipeline_folder, resolve_covariance
+from ..edit_options import track_concept_positions
 from ..io import atomic_path, atomic_write_text
 from ..layers import ConceptSlot
 from ..loading import install_keylocked_layers, uninstall_keylocked_layers, value_layers
@@ -126,7 +127,12 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
         if config.resume_from_checkpoint != "latest" and not (resume_dir and resume_dir.is_dir()):
             raise KeylockedError(f"checkpoint not found: {config.resume_from_checkpoint}")
     covariance = resolve_covariance(
-        text_encoder, tokenizer, config.covariance, progress=config.progress, model_dir=pipeline_folder(pipe)
+        text_encoder,
+        tokenizer,
+        config.covariance,
+        progress=config.progress,
+        model_dir=pipeline_folder(pipe),
+        positions=config.covariance_positions,
     )
     snapshot = TokenizerSnapshot(tokenizer)
     fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
@@ -164,6 +170,9 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
             params.concept_input, params.superclass_input, config.train_beta, config.train_tau
         )
         context.active = {token}
+        context.edit, context.key_lock = config.edit, config.key_lock
+        context.positions.token_ids[token] = placeholder_id
+        hooks.append(track_concept_positions(text_encoder, context.positions))
         for name, layer in layers.items():
             layer.value_targets[token] = params.value_target(name)
 
@@ -354,7 +363,10 @@ def _concept_from(
         train_temperature=config.train_tau,
         beta=config.inference_beta,
         temperature=config.inference_tau,
+        edit=config.edit,
+        key_lock=config.key_lock,
         training={
+            "covariance_positions": config.covariance_positions,
             "steps": step,
             "effective_batch_size": config.effective_batch_size,
             "learning_rate_embedding": config.learning_rate_embedding,
