@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--global_betas", type=float, nargs="*", default=None, help="β sweep, global lock (none given: skip global)"
     )
+    parser.add_argument("--inference_steps", type=int, default=None, help="denoising steps per image")
     parser.add_argument("--pairs", type=int, default=None, help="number of two-concept pairs")
     parser.add_argument("--pair_seeds", type=int, default=None, help="seeds per pair")
     parser.add_argument("--edit", choices=EDITS, default="paper", help="Perfusion's edit form (docs/method.md)")
@@ -324,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["seeds"] = tuple(range(args.seeds))
     if args.pair_seeds:
         overrides["pair_seeds"] = tuple(range(args.pair_seeds))
+    if args.inference_steps:
+        overrides["inference_steps"] = args.inference_steps
     if args.pairs is not None:
         overrides["pairs"] = args.pairs
     if args.betas:
