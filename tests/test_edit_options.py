@@ -277,3 +277,54 @@ def test_exact_key_lock_gives_the_superclass_key_at_the_concept_token(trained, t
         assert torch.equal(paper_keys[1, ~at], keys[1, ~at]) and torch.equal(paper_keys[0], keys[0])
     finally:
         unload_concepts(tiny_pipe)
+
+
+# ---------------------------------------------------------------------------------------
+# Demo proxy metrics
+
+
+class ColourEmbedder:
+    """Embeds an image by its mean RGB, a text by the colour word it names: enough to check the logic."""
+
+    name = "colour"
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+    def embed_images(self, images):
+        rows = torch.tensor([np.asarray(im.convert("RGB"), dtype=np.float32).mean((0, 1)) for im in images])
+        return torch.nn.functional.normalize(rows + 1.0, dim=-1)
+
+    def embed_texts(self, texts):
+        rows = [next(v for k, v in self.colours.items() if k in t) for t in texts]
+        return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32) + 1.0, dim=-1)
+
+
+def test_demo_columns_pass_when_closer_to_the_views_than_the_baseline_and_retrieved():
+    from keylocked.evaluation.demo_metrics import score_columns, summary
+
+    def solid(colour):
+        return Image.new("RGB", (8, 8), ColourEmbedder.colours[colour])
+
+    gallery = {"red thing": [solid("red")] * 2, "blue thing": [solid("blue")] * 2, "green thing": [solid("green")]}
+    concept_images = [solid("red"), solid("blue")]  # the second column drew the wrong object
+    baseline_images = [solid("green"), solid("green")]
+    columns = score_columns(
+        ColourEmbedder(),
+        gallery["red thing"],
+        concept_images,
+        baseline_images,
+        ["a {}", "a {} on a white background"],
+        ["alone", "white"],
+        "red thing",
+        [],
+        gallery,
+    )
+    assert [c.above_baseline for c in columns] == [True, False]
+    assert [c.retrieved for c in columns] == ["red thing", "blue thing"]
+    result = summary(columns, "images", len(gallery))
+    assert result["columns_above_baseline"] == "1/2" and result["columns_retrieved_top1"] == "1/2"
+    assert result["target_met"] is False
+    # text retrieval (no gallery): the candidate names carry the colour
+    text_columns = score_columns(
+        ColourEmbedder(), [solid("red")], [solid("red")], [solid("blue")], ["a {}"], ["alone"], "red", ["red", "blue"]
+    )
+    assert text_columns[0].top1 and text_columns[0].above_baseline
