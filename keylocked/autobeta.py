@@ -159,3 +159,28 @@ def set_recommended_beta(path: str | os.PathLike, beta: float, search_record: st
     with atomic_path(path) as tmp:
         tmp.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_size :])
     return path
+
+
+def tune_concept_file(
+    pretrained_model_name_or_path: str,
+    concept_path: str | os.PathLike,
+    references: str | os.PathLike,
+    embedder: str = "emoji",
+    search: BetaSearch | None = None,
+    covariance: str | None = None,
+    pipe=None,
+) -> BetaChoice:
+    """``keylocked tune-beta``: load the model and a scorer (``"emoji"``: the shipped emoji evaluator,
+    else a local CLIP folder), score against the images in ``references``, store the chosen β."""
+    from .evaluation.embedders import CLIPEmbedder, EmojiEvaluator
+    from .models import load_pipeline
+    from .training.data import load_instance_images
+
+    Concept.load(concept_path)  # a clear error before loading any model
+    if pipe is None:
+        pipe = load_pipeline(pretrained_model_name_or_path)
+    pipe.set_progress_bar_config(disable=True)
+    scorer_model = EmojiEvaluator.load() if embedder == "emoji" else CLIPEmbedder(embedder)
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
+    images = load_instance_images(references, scale * int(pipe.unet.config.sample_size))
+    return tune_beta(pipe, concept_path, embedder_scorer(scorer_model, images), search, covariance)

@@ -328,3 +328,19 @@ def test_demo_columns_pass_when_closer_to_the_views_than_the_baseline_and_retrie
         ColourEmbedder(), [solid("red")], [solid("red")], [solid("blue")], ["a {}"], ["alone"], "red", ["red", "blue"]
     )
     assert text_columns[0].top1 and text_columns[0].above_baseline
+
+
+def test_cli_tune_beta_rewrites_the_recommended_beta(trained, tiny_model_dir, covariance, tmp_path, capsys):
+    from conftest import write_instance_images
+
+    from keylocked.cli import main
+
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(trained.read_bytes())
+    argv = ["tune-beta", "--pretrained_model_name_or_path", str(tiny_model_dir), "--concept", str(path)]
+    argv += ["--instance_data_dir", str(write_instance_images(tmp_path / "views")), "--covariance", covariance]
+    assert main(argv + ["--betas", "0.4", "1.2", "--num_inference_steps", "2"]) == 0
+    out = capsys.readouterr().out
+    chosen = float(out.split("recommended beta ")[1].split()[0])
+    assert chosen in (0.4, 1.2) and Concept.load(path).beta == chosen
+    assert main(argv + ["--betas", "nan"]) == 2  # one-line error, no traceback
