@@ -294,8 +294,7 @@ class ColourEmbedder:
         return torch.nn.functional.normalize(rows + 1.0, dim=-1)
 
     def embed_texts(self, texts):
-        rows = [next(v for k, v in self.colours.items() if k in t) for t in texts]
-        return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32) + 1.0, dim=-1)
+        raise AssertionError("retrieval is by images")
 
 
 def test_demo_columns_pass_when_closer_to_the_views_than_the_baseline_and_retrieved():
@@ -312,35 +311,14 @@ def test_demo_columns_pass_when_closer_to_the_views_than_the_baseline_and_retrie
         gallery["red thing"],
         concept_images,
         baseline_images,
-        ["a {}", "a {} on a white background"],
         ["alone", "white"],
         "red thing",
-        [],
         gallery,
     )
     assert [c.above_baseline for c in columns] == [True, False]
     assert [c.retrieved for c in columns] == ["red thing", "blue thing"]
-    result = summary(columns, "images", len(gallery))
+    result = summary(columns, len(gallery))
     assert result["columns_above_baseline"] == "1/2" and result["columns_retrieved_top1"] == "1/2"
     assert result["target_met"] is False
-    # text retrieval (no gallery): the candidate names carry the colour
-    text_columns = score_columns(
-        ColourEmbedder(), [solid("red")], [solid("red")], [solid("blue")], ["a {}"], ["alone"], "red", ["red", "blue"]
-    )
-    assert text_columns[0].top1 and text_columns[0].above_baseline
-
-
-def test_cli_tune_beta_rewrites_the_recommended_beta(trained, tiny_model_dir, covariance, tmp_path, capsys):
-    from conftest import write_instance_images
-
-    from keylocked.cli import main
-
-    path = tmp_path / "c.safetensors"
-    path.write_bytes(trained.read_bytes())
-    argv = ["tune-beta", "--pretrained_model_name_or_path", str(tiny_model_dir), "--concept", str(path)]
-    argv += ["--instance_data_dir", str(write_instance_images(tmp_path / "views")), "--covariance", covariance]
-    assert main(argv + ["--betas", "0.4", "1.2", "--num_inference_steps", "2"]) == 0
-    out = capsys.readouterr().out
-    chosen = float(out.split("recommended beta ")[1].split()[0])
-    assert chosen in (0.4, 1.2) and Concept.load(path).beta == chosen
-    assert main(argv + ["--betas", "nan"]) == 2  # one-line error, no traceback
+    with pytest.raises(ValueError, match="not among"):
+        score_columns(ColourEmbedder(), [], concept_images, baseline_images, ["a", "b"], "teal thing", gallery)
