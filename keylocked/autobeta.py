@@ -24,7 +24,7 @@ from PIL import Image
 
 from .base_model import KeylockedError
 from .concept import Concept, read_metadata
-from .io import atomic_path
+from .io import atomic_write_bytes
 from .validation import check_beta, check_positive
 
 # (generated images, the same prompts with the super-category word) -> (image alignment, text alignment)
@@ -154,11 +154,10 @@ def set_recommended_beta(path: str | os.PathLike, beta: float, search_record: st
     metadata["beta"] = repr(beta)
     if search_record is not None:
         metadata["beta_search"] = search_record
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_size :])
-    return path
+    # the header as io.canonical_safetensors_bytes writes it: sorted keys, padded with spaces to 8 bytes
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    return atomic_write_bytes(path, struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_size :])
 
 
 def tune_concept_file(
