@@ -80,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(inputs: EvaluateInputs, config) -> None:
     """Evaluate the concepts of ``inputs`` over ``config``'s sweep; writes rows, summary and the Pareto plot."""
     from ..models import load_pipeline
+    from ..personalizations import Personalization
     from ..quiet import no_loading_bars
-    from ..training.baselines import Personalization
     from ..training.data import load_instance_images
     from .embedders import CLIPEmbedder, EmojiEvaluator
     from .evaluate import EvalItem, evaluate
