@@ -7,8 +7,7 @@ engine (``keylocked.serving``, through ``generation.Generator``), training to
 the results.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the endpoint annotations at runtime.
 import asyncio
 import base64
 import hashlib
@@ -30,9 +29,10 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import __version__
 from ..base_model import KeylockedError
+from ..concept import read_metadata
 from .access import AccessError, LibraryAccess, Principal
 from .config import ServeConfig
-from .generation import GenerationJob, Generator
+from .generation import ConceptRef, GenerationRequest, Generator
 from .metrics import ServiceMetrics
 from .provenance import pixel_sha256, png_with_provenance
 from .schemas import (
@@ -76,7 +76,9 @@ class ServiceState:
             cache_bytes=int(config.concept_cache_mb * 1024 * 1024),
             metrics=self.metrics,
         )
-        self.access = LibraryAccess(library if library is not None else config.library, self.generator.fingerprint)
+        self.access = LibraryAccess(
+            library if library is not None else config.library, self.generator.fingerprint, config.replica_id
+        )
         self.resolution = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
         self.jobs = TrainingJobs(
             self.access.sql_engine,
@@ -96,7 +98,7 @@ class ServiceState:
         return train_for_service(self.config.pretrained_model_name_or_path, request, images_dir, output_dir, on_step)
 
     def _register_training(self, request: TrainingRequest, concept_file: Path, job_id: str) -> int:
-        return self.access.register_training(request, concept_file, job_id)
+        return self.access.register_training(request.principal, request.concept, concept_file, job_id)
 
     def _count_jobs(self) -> None:
         counts = self.jobs.counts() if hasattr(self, "jobs") else {}
@@ -138,7 +140,6 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
         version=__version__,
         summary="Perfusion concepts from a concept library on one base model, with mixed-concept batches.",
         lifespan=lifespan,
-        max_body_size=config.max_json_bytes,
         responses=ERRORS,
     )
     app.state.service = state
@@ -148,7 +149,7 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
     # -- errors: one line a person can act on ---------------------------------------------------
     @app.exception_handler(AccessError)
     async def _access_error(request: Request, error: AccessError) -> JSONResponse:
-        request.state.audited = request.state.audited or error.audited
+        request.state.audited = getattr(request.state, "audited", False) or error.audited
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
         return JSONResponse({"detail": error.detail}, status_code=error.status, headers=headers)
 
@@ -239,7 +240,9 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
         request.state.audited = True
         return row
 
-    @app.post("/v1/concepts/{name}/versions/{version}/approve", tags=["concepts"])
+    # Body limits per route (not app-wide: Starlette answers an app-wide one in plain text, outside
+    # the middleware that makes every error JSON).
+    @app.post("/v1/concepts/{name}/versions/{version}/approve", tags=["concepts"], max_body_size=config.max_json_bytes)
     async def approve_version(request: Request, name: str, version: int, who: Approver) -> dict[str, Any]:
         """Approve a draft version (``approve`` scope): projects granted the concept may use it at once."""
         row = await asyncio.to_thread(state.access.approve, who, name, version)
@@ -247,8 +250,8 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
         return row
 
     # -- images ---------------------------------------------------------------------------------
-    @app.post("/v1/images", response_model=ImageResponse, tags=["images"])
-    async def create_images(request: Request, body: ImageRequest, who: User, project: str | None = None):
+    @app.post("/v1/images", response_model=ImageResponse, tags=["images"], max_body_size=config.max_json_bytes)
+    async def create_images(request: Request, body: ImageRequest, who: User):
         """Generate images with library concepts: PNGs with provenance, the versions used, the audit id."""
         started = time.perf_counter()
         _check_limits(body, config)
@@ -257,25 +260,13 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
         if len(set(names)) != len(names):
             raise KeylockedError(f"each concept may appear once per request, got {names}")
         resolved = await asyncio.to_thread(
-            state.access.resolve_all, who, project, [parse_reference(choice.ref) for choice in choices]
+            state.access.resolve_all, who, body.project, [parse_reference(choice.ref) for choice in choices]
         )
+        request.state.audited = True  # each resolution left its row (allowed or denied)
         tokens = [item.token for item in resolved]
         if len(set(tokens)) != len(tokens):
             raise KeylockedError(f"two concepts of this request use the same placeholder token: {tokens}")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        job = GenerationJob(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            concepts=[(item, choice.beta, choice.tau) for item, choice in zip(resolved, choices)],
-            lock=body.lock,
-            seed=seed,
-            steps=body.steps,
-            guidance_scale=body.guidance_scale,
-            num_images=body.num_images,
-        )
-        # Shielded: a client that goes away does not cancel its rows in a batch shared with others.
-        images = await asyncio.shield(asyncio.wrap_future(state.generator.submit(job)))
-        settings = {item.token: state.generator.effective_options(item, beta, tau) for item, beta, tau in job.concepts}
         used = [
             ResolvedConcept(
                 name=item.name,
@@ -283,17 +274,30 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
                 sha256=item.sha256,
                 token=item.token,
                 super_category=item.super_category,
-                beta=settings[item.token][0],
-                tau=settings[item.token][1],
+                beta=choice.beta if choice.beta is not None else defaults[0],
+                tau=choice.tau if choice.tau is not None else defaults[1],
             )
-            for item in resolved
+            for item, choice in zip(resolved, choices)
+            for defaults in [_recommended(item.path)]
         ]
+        job = GenerationRequest(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            concepts=[ConceptRef(str(item.path), u.beta, u.tau) for item, u in zip(resolved, used)],
+            lock=body.lock,
+            seed=seed,
+            num_images=body.num_images,
+            num_inference_steps=body.steps,
+            guidance_scale=body.guidance_scale,
+        )
+        # Shielded: a client that goes away does not cancel its rows in a batch shared with others.
+        images = await asyncio.shield(asyncio.wrap_future(state.generator.submit(job)))
         pixel_hashes = [pixel_sha256(image) for image in images]
         request_id = str(uuid.uuid4())
         audit_id = await asyncio.to_thread(
             state.access.record_generation,
             who,
-            project,
+            body.project,
             body.prompt,
             resolved,
             pixel_hashes,
@@ -371,7 +375,6 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
         if not 1 <= len(images) <= 10:
             raise KeylockedError(f"give 1 to 10 images, got {len(images)}")
         encoded = [await _checked_image(upload, state.resolution // 2) for upload in images]
-        await asyncio.to_thread(state.access.check_can_register, who, project, name, token, super_category)
         job = await asyncio.to_thread(
             state.jobs.submit,
             TrainingRequest(
@@ -385,6 +388,7 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
                 train_batch_size=train_batch_size,
                 gradient_accumulation_steps=gradient_accumulation_steps,
                 mask=mask,
+                principal=who,
             ),
         )
         await asyncio.to_thread(state.access.audit_request, who, "training.submit", True, f"job {job['id']}", name)
@@ -417,13 +421,14 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
     async def audit(
         request: Request,
         who: Admin,
-        after: Annotated[int | None, Query(ge=0, description="rows after this id")] = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+        concept: Annotated[str | None, Query(max_length=200)] = None,
+        project: Annotated[str | None, Query(max_length=200)] = None,
     ) -> AuditPage:
-        """Audit rows in chain order (``admin`` scope); page with ``after``."""
-        rows = await asyncio.to_thread(state.access.audit_rows, who, after, limit)
+        """The last ``limit`` audit rows, oldest first (``admin`` scope), optionally of one concept or project."""
+        rows = await asyncio.to_thread(state.access.audit_rows, who, limit, concept, project)
         request.state.audited = True
-        return AuditPage(rows=rows, next_after=rows[-1]["id"] if len(rows) == limit else None)
+        return AuditPage(rows=rows)
 
     return app
 
@@ -466,6 +471,17 @@ async def _checked_image(upload: UploadFile, min_size: int) -> bytes:
     return buffer.getvalue()
 
 
+def _recommended(path: Path) -> tuple[float, float]:
+    """The (β, τ) a concept file recommends, from its header."""
+    metadata = read_metadata(path)
+    return float(metadata.get("beta", 0.7)), float(metadata.get("tau", 0.15))
+
+
+def _is_json(message) -> bool:
+    headers = dict(message.get("headers") or [])
+    return headers.get(b"content-type", b"").startswith(b"application/json")
+
+
 def _describe(request: Request) -> str:
     return f"{request.method} {request.url.path}"
 
@@ -488,10 +504,21 @@ class _RequestObserver:
             return
         started = time.perf_counter()
         status = [500]
+        replaced = [False]
 
         async def observe_send(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if message["status"] == 413 and not _is_json(message):
+                    # Starlette's body limit answers in plain text; every error here is JSON.
+                    replaced[0] = True
+                    limit = scope.get("starlette.max_body_size")
+                    detail = "request body too large" + (f" (at most {limit} bytes here)" if limit else "")
+                    response = JSONResponse({"detail": detail}, status_code=413)
+                    await response(scope, receive, send)
+                    return
+            if replaced[0]:
+                return
             await send(message)
 
         scope.setdefault("state", {})

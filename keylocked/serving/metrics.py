@@ -41,8 +41,12 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge("keylocked_queue_depth", "generation requests waiting for a batch", registry=r)
         self.images = Counter("keylocked_images", "images generated", registry=r)
-        self.denied = Counter("keylocked_denied", "requests refused by authentication or access", ["status"], registry=r)
-        self.trainings = Gauge("keylocked_training_jobs", "training jobs in this replica by status", ["status"], registry=r)
+        self.denied = Counter(
+            "keylocked_denied", "requests refused by authentication or access", ["status"], registry=r
+        )
+        self.trainings = Gauge(
+            "keylocked_training_jobs", "training jobs in this replica by status", ["status"], registry=r
+        )
         self.started = time.time()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:

@@ -59,7 +59,7 @@ class ImageRequest(BaseModel):
     steps: int = Field(25, ge=1, description="denoising steps")
     guidance_scale: float = Field(7.5, ge=0.0, le=100.0, allow_inf_nan=False)
     num_images: int = Field(1, ge=1)
-    response_format: Literal["b64_json", "url"] = "b64_json"
+    project: str | None = Field(None, max_length=200, description="the project to act in (default: the key's only one)")
 
     @field_validator("concepts")
     @classmethod
@@ -87,8 +87,7 @@ class GeneratedImage(BaseModel):
     seed: int
     pixel_sha256: str = Field(description="sha256 of the decoded RGB pixels (what the audit row records)")
     png_sha256: str
-    b64_png: str | None = None
-    url: str | None = None
+    b64_png: str
 
 
 class ImageResponse(BaseModel):
@@ -151,7 +150,6 @@ class AuditRow(BaseModel):
 
 class AuditPage(BaseModel):
     rows: list[dict[str, Any]]
-    next_after: int | str | None = None
 
 
 class Health(BaseModel):

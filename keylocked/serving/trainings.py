@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class TrainingRequest:
     train_batch_size: int = 4
     gradient_accumulation_steps: int = 4
     mask: str = "attention"
+    principal: Any = field(default=None, repr=False)  # who registers the result (in memory only)
 
 
 # train(request, images_dir, output_dir, on_step) -> path of the concept file
@@ -97,7 +98,9 @@ class TrainingJobs:
         self._register = register
         self.workers = workers
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "keylocked-serve"
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="keylocked-train") if workers else None
+        self._executor = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="keylocked-train") if workers else None
+        )
         self._on_change = on_change or (lambda: None)
         self._closing = threading.Event()
         metadata.create_all(engine)  # idempotent: the table is created on first use of a library
@@ -113,7 +116,9 @@ class TrainingJobs:
                 .values(status="failed", error=RESTART_ERROR.format(replica=self.replica), updated_at=_now())
             )
         if result.rowcount:
-            logger.warning("marked %d unfinished training job(s) of replica %s as failed", result.rowcount, self.replica)
+            logger.warning(
+                "marked %d unfinished training job(s) of replica %s as failed", result.rowcount, self.replica
+            )
         return result.rowcount
 
     def _update(self, job_id: str, **values: Any) -> None:
@@ -139,13 +144,15 @@ class TrainingJobs:
     # -- running ----------------------------------------------------------------------------
     def submit(self, request: TrainingRequest) -> dict[str, Any]:
         if self._executor is None:
-            raise KeylockedError("this replica does not run training jobs (--training_workers 0); send them to one that does")
+            raise KeylockedError(
+                "this replica does not run training jobs (--training_workers 0); send them to one that does"
+            )
         job_id = str(uuid.uuid4())
         job_dir = self.work_dir / job_id
         images_dir = job_dir / "images"
         images_dir.mkdir(parents=True)
         for index, data in enumerate(request.images):
-            (images_dir / f"image-{index:02d}").write_bytes(data)
+            (images_dir / f"image-{index:02d}.png").write_bytes(data)  # PNG: re-encoded by the HTTP layer
         now = _now()
         with self.engine.begin() as connection:
             connection.execute(
@@ -199,7 +206,9 @@ class TrainingJobs:
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
 
-    async def events(self, job_id: str, poll_seconds: float = 0.25, heartbeat_seconds: float = 15.0) -> AsyncIterator[str]:
+    async def events(
+        self, job_id: str, poll_seconds: float = 0.25, heartbeat_seconds: float = 15.0
+    ) -> AsyncIterator[str]:
         """Server-sent events: one ``progress`` event per change, then ``done``; read from the
         database, so any replica can stream any job."""
         last: tuple | None = None
