@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,14 +13,13 @@ import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
 from conftest import build_tiny_pipeline  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from keylocked.library import Library  # noqa: E402
 
 from keylocked.base_model import cross_attention_layers  # noqa: E402
-from keylocked.covariance import BUNDLED_FILENAME, estimate_covariance  # noqa: E402
 from keylocked.concept import Concept  # noqa: E402
-from keylocked.library import Library  # noqa: E402
+from keylocked.covariance import BUNDLED_FILENAME, estimate_covariance  # noqa: E402
 from keylocked.loading import pipeline_fingerprint  # noqa: E402
 from keylocked.models import load_pipeline  # noqa: E402
 from keylocked.serving.app import create_app  # noqa: E402
@@ -245,7 +242,7 @@ def test_a_request_is_the_same_alone_and_in_a_mixed_batch(client, setup):
         metrics = batched.get("/metrics").text
     assert [status for status, _ in together] == [200] * len(requests), together
     assert [[image["pixel_sha256"] for image in body["images"]] for _, body in together] == alone
-    assert f"keylocked_batch_requests_count 1.0" in metrics and "keylocked_batch_requests_sum 4.0" in metrics
+    assert "keylocked_batch_requests_count 1.0" in metrics and "keylocked_batch_requests_sum 4.0" in metrics
     assert f"keylocked_batch_images_sum {float(images)}" in metrics
 
 
