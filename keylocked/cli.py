@@ -221,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(demo, DemoConfig)
     demo.set_defaults(handler=_demo)
 
+    from .library.cli import add_library_parser
     from .serving.cli import add_serve_parser
 
+    add_library_parser(verbs)
     add_serve_parser(verbs)
     return parser
 
