@@ -8,9 +8,7 @@ library call records (a refused key, a request that fails validation).
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,16 +68,12 @@ class ResolvedConcept:
 class LibraryAccess:
     """Authentication, authorization and audit for one replica, over one library."""
 
-    def __init__(self, library, base_model_fingerprint: str, replica: str = "") -> None:
+    def __init__(self, library, base_model_fingerprint: str, replica: str = "", blobs: str | None = None) -> None:
         from ..library import Library
 
-        self.library = library if isinstance(library, Library) else Library.open(library)
+        self.library = library if isinstance(library, Library) else Library.open(library, blobs=blobs)
         self.fingerprint = base_model_fingerprint
         self.replica = replica
-        # sha256(full key) -> True once argon2 accepted it: a key is verified once per process,
-        # its row (revoked? scopes?) is still read on every request.
-        self._verified: dict[str, bool] = {}
-        self._lock = threading.Lock()
 
     @property
     def sql_engine(self):
@@ -273,9 +267,6 @@ class LibraryAccess:
             self.library.add, concept_file, name, notes=f"trained by keylocked serve, job {job_id}", api_key=who.api_key
         )
         return version.number
-
-    def key_fingerprint(self, api_key: str) -> str:
-        return hashlib.sha256(api_key.encode()).hexdigest()
 
 
 def _version_row(version) -> dict[str, Any]:

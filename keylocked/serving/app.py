@@ -77,7 +77,10 @@ class ServiceState:
             metrics=self.metrics,
         )
         self.access = LibraryAccess(
-            library if library is not None else config.library, self.generator.fingerprint, config.replica_id
+            library if library is not None else config.library,
+            self.generator.fingerprint,
+            config.replica_id,
+            blobs=config.library_blobs,
         )
         self.resolution = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
         self.jobs = TrainingJobs(

@@ -16,6 +16,7 @@ MiB = 1024 * 1024
 class ServeConfig:
     pretrained_model_name_or_path: str = "emoji-64"
     library: str | None = None  # folder or database URL; None: $KEYLOCKED_LIBRARY, else the per-user default
+    library_blobs: str | None = None  # the shared concept-file folder of a database-URL library
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 8  # images per UNet call (rows before classifier-free guidance doubles them)
