@@ -10,21 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_pipeline
+from fastapi.testclient import TestClient
 from PIL import Image
 
-pytest.importorskip("fastapi")
-from conftest import build_tiny_pipeline  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from keylocked.library import Library  # noqa: E402
-
-from keylocked.base_model import cross_attention_layers  # noqa: E402
-from keylocked.concept import Concept  # noqa: E402
-from keylocked.covariance import BUNDLED_FILENAME, estimate_covariance  # noqa: E402
-from keylocked.loading import pipeline_fingerprint  # noqa: E402
-from keylocked.models import load_pipeline  # noqa: E402
-from keylocked.serving.app import create_app  # noqa: E402
-from keylocked.serving.config import ServeConfig  # noqa: E402
-from keylocked.serving.provenance import pixel_sha256, read_provenance  # noqa: E402
+from keylocked.base_model import cross_attention_layers
+from keylocked.concept import Concept
+from keylocked.covariance import BUNDLED_FILENAME, estimate_covariance
+from keylocked.library import Library
+from keylocked.loading import pipeline_fingerprint
+from keylocked.models import load_pipeline
+from keylocked.serving.app import create_app
+from keylocked.serving.config import ServeConfig
+from keylocked.serving.provenance import pixel_sha256, read_provenance
 
 STEPS = 2
 
