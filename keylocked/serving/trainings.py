@@ -52,6 +52,14 @@ trainings = sa.Table(
 )
 
 
+def create_table(engine: Engine) -> None:
+    """Create the jobs table if missing, under the library's write lock (replicas may start at once)."""
+    from ..library.db import write_session
+
+    with write_session(engine) as session:
+        metadata.create_all(session.connection())
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -103,7 +111,7 @@ class TrainingJobs:
         )
         self._on_change = on_change or (lambda: None)
         self._closing = threading.Event()
-        metadata.create_all(engine)  # idempotent: the table is created on first use of a library
+        create_table(engine)
         self.failed_on_start = self._fail_unfinished()
 
     # -- state ------------------------------------------------------------------------------
