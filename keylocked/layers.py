@@ -137,8 +137,6 @@ class KeyLockedLinear(WrappedLinear):
             names = context.active_names()
             if not names:
                 return self.base_layer(encodings)
-            slots = [context.concepts[name] for name in names]
-            options = [ConceptOptions(name, slot.beta, slot.temperature) for name, slot in zip(names, slots)]
         elif all(row is None for row in plan.rows):
             return self.base_layer(encodings)
         # Text encodings are fixed across denoising steps: reuse the last result for the same
@@ -154,6 +152,8 @@ class KeyLockedLinear(WrappedLinear):
         if plan is None:
             global_lock = self.role == "key" and context.lock == "global"
             projected_input = context.key_path_encodings(encodings) if global_lock else encodings
+            slots = [context.concepts[name] for name in names]
+            options = [ConceptOptions(name, slot.beta, slot.temperature) for name, slot in zip(names, slots)]
             output = self._edit(projected_input, options)
         else:
             output = self._edit_rows(encodings, plan)

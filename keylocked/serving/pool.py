@@ -197,7 +197,8 @@ class ConceptPool:
     @torch.no_grad()
     def _install(self, entry: CachedConcept, slot: str) -> None:
         concept = entry.concept
-        device = self.pipe.unet.device
+        # the wrapped layer's weight, not ``unet.device``: diffusers walks every module for that
+        device = next(iter(self._value_layers.values())).base_layer.weight.device
         table = self.pipe.text_encoder.get_input_embeddings().weight
         table[self.slot_ids[slot]] = concept.token_embedding.to(table.device, table.dtype)
         self.context.concepts[slot] = ConceptSlot(
