@@ -58,8 +58,8 @@ def concept_variants(folder: Path, count: int) -> list[tuple[str, str, Path]]:
     for index in range(count):
         generator = torch.Generator().manual_seed(index)
 
-        def jitter(t: torch.Tensor, generator: torch.Generator = generator) -> torch.Tensor:
-            return t + 0.05 * t.std() * torch.randn(t.shape, generator=generator)
+        def jitter(t: torch.Tensor, scale: float = 0.05, generator: torch.Generator = generator) -> torch.Tensor:
+            return t + scale * t.std() * torch.randn(t.shape, generator=generator)
 
         token = f"<bench-{index}>"
         concept = Concept(
@@ -67,7 +67,7 @@ def concept_variants(folder: Path, count: int) -> list[tuple[str, str, Path]]:
                 **base.__dict__,
                 "placeholder_token": token,
                 "token_embedding": jitter(base.token_embedding),
-                "concept_input": base.concept_input,
+                "concept_input": jitter(base.concept_input, 0.3),  # distinct i*: two concepts, a regular Gram
                 "value_targets": {name: jitter(t) for name, t in base.value_targets.items()},
             }
         )

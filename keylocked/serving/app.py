@@ -294,7 +294,13 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
             guidance_scale=body.guidance_scale,
         )
         # Shielded: a client that goes away does not cancel its rows in a batch shared with others.
-        images = await asyncio.shield(asyncio.wrap_future(state.generator.submit(job)))
+        try:
+            images = await asyncio.shield(asyncio.wrap_future(state.generator.submit(job)))
+        except KeylockedError:
+            raise  # this request's input: 422
+        except Exception as error:  # the engine already isolated it to this request; say so in one line
+            logger.exception("generation failed")
+            raise HTTPException(500, f"generation failed ({type(error).__name__}); other requests are unaffected")
         pixel_hashes = [pixel_sha256(image) for image in images]
         request_id = str(uuid.uuid4())
         audit_id = await asyncio.to_thread(
