@@ -300,7 +300,8 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
             raise  # this request's input: 422
         except Exception as error:  # the engine already isolated it to this request; say so in one line
             logger.exception("generation failed")
-            raise HTTPException(500, f"generation failed ({type(error).__name__}); other requests are unaffected")
+            detail = f"generation failed ({type(error).__name__}); other requests are unaffected"
+            raise HTTPException(500, detail) from None
         pixel_hashes = [pixel_sha256(image) for image in images]
         request_id = str(uuid.uuid4())
         audit_id = await asyncio.to_thread(
