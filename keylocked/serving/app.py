@@ -380,6 +380,8 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
         project: Annotated[str | None, Form(max_length=128)] = None,
     ) -> TrainingJob:
         """Train a concept from 1-10 images; the result becomes a draft version of ``name``."""
+        if not state.jobs.workers:
+            raise HTTPException(503, "this replica runs no training jobs (--training_workers 0); use a training replica")
         if steps > config.max_training_steps:
             raise KeylockedError(f"steps must be at most {config.max_training_steps}, got {steps}")
         if not 1 <= len(images) <= 10:
