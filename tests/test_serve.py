@@ -39,7 +39,7 @@ def audit_rows(client, setup, limit=200):
 def test_docs_health_and_metrics(client):
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/v1/concepts", "/v1/concepts/{name}", "/v1/images", "/v1/trainings", "/v1/audit", "/healthz"):
+    for path in ("/v1/concepts", "/v1/concepts/{name}", "/v1/images", "/v1/trainings", "/v1/audit", "/metrics"):
         assert path in paths
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["replica"] == "test-replica"
@@ -78,6 +78,13 @@ def test_a_key_sees_only_its_projects_concepts(client, setup):
     alpha = client.get("/v1/concepts/alpha", headers=bearer(setup.keys["designer"])).json()
     assert alpha["token"] == "<alpha>" and alpha["usable_versions"] == [1]
     assert alpha["versions"][0]["status"] == "approved" and len(alpha["versions"][0]["sha256"]) == 64
+    assert alpha["thumbnails"] == ["/v1/concepts/alpha/versions/1/thumbnail.png"]
+    first = client.get(alpha["thumbnails"][0], headers=bearer(setup.keys["designer"]))
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert read_provenance(first.content)["concepts"] == ["alpha@1"]
+    assert client.get(alpha["thumbnails"][0], headers=bearer(setup.keys["designer"])).content == first.content
+    gamma = "/v1/concepts/gamma/versions/1/thumbnail.png"
+    assert client.get(gamma, headers=bearer(setup.keys["designer"])).status_code == 403  # no grant
 
 
 def test_images_carry_provenance_and_match_the_audit_row(client, setup):

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}, 422: {"model": Problem}}
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and fields around the files
 MAX_IMAGE_PIXELS = 4096 * 4096  # a decompression bomb is refused before it is decoded
+THUMBNAILS_KEPT = 256  # PNGs of a few KB each, by version sha256 (oldest first out)
 
 
 class ServiceState:
@@ -92,6 +93,7 @@ class ServiceState:
             work_dir=config.work_dir,
             on_change=self._count_jobs,
         )
+        self.thumbnails: dict[str, bytes] = {}
         self._count_jobs()
 
     # -- training glue -------------------------------------------------------------------------
@@ -190,10 +192,11 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
     Admin = Annotated[Principal, Depends(scoped("admin"))]
 
     # -- unauthenticated: probes and scrapes (not audited: a load balancer polls them) -----------
-    @app.get("/healthz", response_model=Health, tags=["operations"])
-    async def healthz() -> Health:
+    @app.get("/healthz", response_model=Health, tags=["operations"], responses={503: {"model": Health}})
+    async def healthz():
+        """200 while the engine's worker runs, else 503 (a load balancer takes the replica out)."""
         healthy = state.generator.healthy()
-        return Health(
+        health = Health(
             status="ok" if healthy else "unhealthy",
             replica=config.replica_id,
             model=config.pretrained_model_name_or_path,
@@ -202,6 +205,7 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
             training_jobs_running=state.jobs.counts().get("running", 0),
             version=__version__,
         )
+        return health if healthy else JSONResponse(health.model_dump(), status_code=503)
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def metrics() -> Response:
@@ -218,10 +222,39 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
 
     @app.get("/v1/concepts/{name}", response_model=ConceptInfo, tags=["concepts"])
     async def show_concept(request: Request, name: str, who: User, project: str | None = None) -> ConceptInfo:
-        """Versions, status and metadata of one concept this key's project may use."""
+        """Versions, status and metadata of one concept this key's project may use, with thumbnail URLs."""
         row = await asyncio.to_thread(state.access.concept, who, project, name)
         request.state.audited = True
+        suffix = f"?project={project}" if project else ""
+        row["thumbnails"] = [f"/v1/concepts/{name}/versions/{v}/thumbnail.png{suffix}" for v in row["usable_versions"]]
         return ConceptInfo(**row)
+
+    @app.get(
+        "/v1/concepts/{name}/versions/{version}/thumbnail.png",
+        tags=["concepts"],
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    async def thumbnail(request: Request, name: str, version: int, who: User, project: str | None = None) -> Response:
+        """A sample image of a version ("a photo of a <token>", seed 0), made once per replica and
+        version and kept in memory; access is checked (and audited) on every call."""
+        [item] = await asyncio.to_thread(state.access.resolve_all, who, project, [(name, version)])
+        request.state.audited = True
+        png = state.thumbnails.get(item.sha256)
+        if png is None:
+            job = GenerationRequest(
+                prompt=f"a photo of a {item.token}",
+                concepts=[ConceptRef(str(item.path))],
+                seed=0,
+                num_inference_steps=config.thumbnail_steps,
+            )
+            [image] = await asyncio.shield(asyncio.wrap_future(state.generator.submit(job)))
+            provenance = {"prompt": job.prompt, "concepts": [item.reference], "seed": 0, "thumbnail": True}
+            png = png_with_provenance(image, provenance)
+            state.thumbnails[item.sha256] = png
+            while len(state.thumbnails) > THUMBNAILS_KEPT:
+                state.thumbnails.pop(next(iter(state.thumbnails)))
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post(
         "/v1/concepts",
@@ -381,7 +414,9 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
     ) -> TrainingJob:
         """Train a concept from 1-10 images; the result becomes a draft version of ``name``."""
         if not state.jobs.workers:
-            raise HTTPException(503, "this replica runs no training jobs (--training_workers 0); use a training replica")
+            raise HTTPException(
+                503, "this replica runs no training jobs (--training_workers 0); use a training replica"
+            )
         if steps > config.max_training_steps:
             raise KeylockedError(f"steps must be at most {config.max_training_steps}, got {steps}")
         if not 1 <= len(images) <= 10:

@@ -31,6 +31,7 @@ class ServeConfig:
     max_concept_file_mb: float = 4.0  # an SD 1.5 concept is ~32 KB in fp16
     max_upload_mb: float = 32.0  # all training images of one job together
     max_training_steps: int = 2000
+    thumbnail_steps: int = 20  # denoising steps of a concept version's sample image
     # Trainings: how many run at once in this replica (0: this replica only accepts and reports jobs).
     training_workers: int = 1
     work_dir: str | None = None  # training inputs/outputs; None: a folder under the system temp dir
