@@ -101,7 +101,7 @@ def test_rows_are_edited_with_their_own_concepts_only(tiny_pipe):
     def run(prompt, count, seeds):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         return tiny_pipe(
-            prompt, num_images_per_prompt=count, num_inference_steps=STEPS, generator=generators, output_type="np"
+            prompt, num_images_per_prompt=count, num_inference_steps=1, generator=generators, output_type="np"
         ).images
 
     keylocked.set_concept_options(tiny_pipe, active={"<a>"})
@@ -116,14 +116,33 @@ def test_rows_are_edited_with_their_own_concepts_only(tiny_pipe):
         swapped = run(prompts, 2, [0, 1, 2, 3])
     # the UNet's own batch-size numerics (BLAS kernels) stay below 1e-5; a wrong row assignment does not
     np.testing.assert_allclose(mixed, np.concatenate([alone_a, alone_b]), atol=1e-5)
-    assert np.abs(union - mixed).max() > 1e-2  # the union of the batch is another edit
-    assert np.abs(swapped - mixed).max() > 1e-2
+    assert np.abs(union - mixed).max() > 1e-3  # the union of the batch is another edit (100x the tolerance)
+    assert np.abs(swapped - mixed).max() > 1e-3
     with pytest.raises(keylocked.KeylockedError, match="row plan has 3 rows"):
         with row_concepts(tiny_pipe, [["<a>"], None, ["<b>"]]):
             tiny_pipe("a <a>", num_inference_steps=1, guidance_scale=1.0, num_images_per_prompt=2)
     with pytest.raises(keylocked.KeylockedError, match="unknown concept"):
         with row_concepts(tiny_pipe, [["<zzz>"]]):
             pass
+    keylocked.unload_concepts(tiny_pipe)
+
+
+def test_global_lock_is_per_row(tiny_pipe):
+    """A global row's keys see its prompt with its own concept swapped for the super-category word."""
+    concept = make_concept(tiny_pipe, "<a>", "bear", 1)
+    keylocked.load_concepts(tiny_pipe, concept, covariance=identity_covariance(tiny_pipe))
+    options = (ConceptOptions("<a>", -1.0, 1.0),)
+    rows = [RowConcepts(options, "global"), RowConcepts(options, "local"), None]
+    layer = next(iter(cross_attention_layers(tiny_pipe.unet).values()))
+    with row_concepts(tiny_pipe, rows) as plan, torch.no_grad():
+        encodings = tiny_pipe.encode_prompt("a <a> on the table", "cpu", 1, False)[0].repeat(3, 1, 1)
+        superclass = tiny_pipe.encode_prompt("a bear on the table", "cpu", 1, False)[0]
+        assert len(plan.twins) == 1 and torch.allclose(plan.twins[0][2], superclass)
+        keys, values = layer.to_k(encodings), layer.to_v(encodings)
+        local_keys = layer.to_k._edit(superclass, options)
+    assert torch.equal(values[0], values[1])  # the value path sees the concept prompt in both rows
+    assert torch.allclose(keys[0], local_keys[0]) and not torch.allclose(keys[0], keys[1])
+    assert torch.equal(keys[2], layer.to_k.base_layer(encodings[2]))  # no concepts: the stock projection
     keylocked.unload_concepts(tiny_pipe)
 
 
@@ -245,6 +264,25 @@ def test_a_failing_or_cancelled_request_does_not_break_the_others(pool, files, t
     assert (engine.metrics.completed, engine.metrics.failed, engine.metrics.cancelled) == (1, 3, 1)
     with pytest.raises(keylocked.KeylockedError, match="shut down"):
         engine.submit(request("a bear"))
+
+
+def test_a_batch_that_fails_is_served_one_request_at_a_time(pool, monkeypatch):
+    original = GenerationEngine.generate
+
+    def generate(self, group):
+        if any("boom" in item.job.request.prompt for item in group):
+            raise RuntimeError("boom")
+        return original(self, group)
+
+    monkeypatch.setattr(GenerationEngine, "generate", generate)
+    engine = GenerationEngine(pool, EngineConfig(max_batch_size=8, max_wait_ms=1000, output_type="np"), start=False)
+    fine = engine.submit(request("a bear", num_inference_steps=1))
+    boom = engine.submit(request("boom", num_inference_steps=1))
+    engine.start()
+    engine.close()
+    assert len(fine.result()) == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        boom.result()
 
 
 @pytest.mark.parametrize(
