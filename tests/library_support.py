@@ -9,7 +9,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,7 +69,7 @@ class PostgresCluster:
                 raise RuntimeError("running as root and there is no 'postgres' user to own the cluster") from None
             os.chown(self.folder, user.pw_uid, user.pw_gid)
             self.run_as = ["runuser", "-u", "postgres", "--"]
-        self.data, self.port = self.folder / "data", _free_port()
+        self.data, self.port, self._template = self.folder / "data", _free_port(), ""
         self._run("initdb", "-D", str(self.data), "-U", "keylocked", "--auth=trust", "-E", "UTF8", "--no-sync")
         options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"), "-w", "start")
@@ -80,17 +82,28 @@ class PostgresCluster:
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://keylocked@127.0.0.1:{self.port}/{database}"
 
-    def database(self) -> str:
+    def database(self, migrated: bool = True) -> str:
+        """A new database: a copy of one migrated to the current schema, or empty."""
         import psycopg
 
+        if migrated and not self._template:
+            self._template = self.database(migrated=False).rsplit("/", 1)[1]
+            from keylocked.library.db import make_engine, upgrade_schema
+
+            engine = make_engine(self.url(self._template))
+            upgrade_schema(engine)
+            engine.dispose()
         name = "t_" + uuid.uuid4().hex[:12]
+        template = f' TEMPLATE "{self._template}"' if migrated else ""
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user=keylocked dbname=postgres", autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{name}"')
+            c.execute(f'CREATE DATABASE "{name}"{template}')
         return self.url(name)
 
     def stop(self) -> None:
+        started = time.monotonic()
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
         shutil.rmtree(self.folder, ignore_errors=True)
+        print(f"\nPostgreSQL test cluster stopped ({time.monotonic() - started:.1f} s)")
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +112,21 @@ def postgres_cluster():
     try:
         cluster = PostgresCluster()
     except (RuntimeError, OSError) as error:
-        pytest.skip(f"PostgreSQL tests skipped: {error}")
+        # A warning as well as the skip: `pytest -q` prints warnings, but skip reasons only with -rs.
+        warnings.warn(f"PostgreSQL library tests skipped: {error}", stacklevel=1)
+        pytest.skip(f"PostgreSQL library tests skipped: {error}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def cheap_key_hashing(monkeypatch):
+    """argon2id at its smallest cost: the tests create and check many keys on a shared 2-core machine.
+
+    ``test_secret_is_stored_only_as_an_argon2_hash`` checks the production parameters separately.
+    """
+    from argon2 import PasswordHasher
+
+    from keylocked.library import keys
+
+    monkeypatch.setattr(keys, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from library_support import FINGERPRINT, make_concept_file, postgres_cluster  # noqa: F401
+from library_support import FINGERPRINT, cheap_key_hashing, make_concept_file, postgres_cluster  # noqa: F401
 from sqlalchemy import create_engine, inspect, text
 
 from keylocked import KeylockedError
@@ -34,6 +34,7 @@ class Env:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def env(request, tmp_path):
+    request.getfixturevalue("cheap_key_hashing")
     if request.param == "sqlite":
         location, blobs = str(tmp_path / "lib"), tmp_path / "lib" / "blobs"
         library = Library.init(location)
@@ -122,8 +123,12 @@ def test_versions_grants_keys_resolve_and_audit(env):
     assert lib.verify(api_key=admin).ok and lib.verify_audit(api_key=admin).ok
 
 
-def test_secret_is_stored_only_as_an_argon2_hash(env):
-    created = env.library.create_key("designer", ["publish"], api_key=env.admin)
+def test_secret_is_stored_only_as_an_argon2_hash(env, monkeypatch):
+    from keylocked.library import keys
+
+    monkeypatch.undo()  # the production hasher, not the tests' cheap one
+    assert keys._HASHER.memory_cost == 19456 and keys._HASHER.time_cost == 2
+    created = env.library.create_key("designer", ["publish", "use"], api_key=env.admin)
     secret = created.key.split("_", 2)[2]
     with env.library.engine.connect() as connection:
         rows = connection.execute(text("SELECT prefix, secret_hash FROM api_keys")).all()
@@ -132,6 +137,8 @@ def test_secret_is_stored_only_as_an_argon2_hash(env):
         )
     assert secret not in dump
     assert all(h.startswith("$argon2id$") for _, h in rows)
+    assert "m=19456,t=2" in rows[-1][1]
+    assert env.library.list(api_key=created.key) == []  # the stored hash verifies the key
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,9 +162,7 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("case", REFUSALS, ids=[c[0] for c in REFUSALS])
-def test_refusals_are_one_line_and_audited(env, case):
-    _, reference, key_kind, project, fingerprint, message = case
+def test_refusals_are_one_line_audited_and_change_nothing(env):
     lib, admin = env.library, env.admin
     published(env, versions=3, approve=(1, 3))
     lib.retire("acme-mug@3", api_key=admin)
@@ -172,15 +177,19 @@ def test_refusals_are_one_line_and_audited(env, case):
     lib.revoke_key(keys["revoked"], api_key=admin)
     keys["wrong"] = keys["use"][:-4] + "AAAA"
     keys["malformed"] = "not-a-key"
-    before = len(lib.audit(api_key=admin))
-    with pytest.raises(KeylockedError, match=message) as raised:
-        lib.resolve(reference, keys[key_kind], project, fingerprint)
-    assert "\n" not in str(raised.value) and str(raised.value).startswith("concept.use denied: ")
-    entries = lib.audit(api_key=admin)
-    assert len(entries) == before + 2  # the first listing's own audit.read row, then the denied row
-    denied = entries[-1]
-    assert (denied.action, denied.outcome, denied.project) == ("concept.use", "denied", project or "")
-    assert message.split("'")[0].strip() in denied.reason
+    before = lib.show("acme-mug", api_key=admin)
+    for case, reference, key_kind, project, fingerprint, message in REFUSALS:
+        count = len(lib.audit(api_key=admin))
+        with pytest.raises(KeylockedError, match=message) as raised:
+            lib.resolve(reference, keys[key_kind], project, fingerprint)
+        assert "\n" not in str(raised.value) and str(raised.value).startswith("concept.use denied: "), case
+        entries = lib.audit(api_key=admin)
+        assert len(entries) == count + 2, case  # the first listing's own audit.read row, then the denied row
+        denied = entries[-1]
+        assert (denied.action, denied.outcome, denied.project) == ("concept.use", "denied", project or ""), case
+        assert message.split("'")[0].strip() in denied.reason, case
+    assert lib.show("acme-mug", api_key=admin) == before
+    assert lib.verify_audit(api_key=admin).ok
 
 
 def test_scope_is_checked_for_every_verb_and_refusals_change_nothing(env):
@@ -377,9 +386,7 @@ def test_concurrent_adds_get_distinct_numbers(env):
     files = [str(concept_file(env, seed)) for seed in range(12)]
     context = multiprocessing.get_context("fork")  # spawn re-imports torch per worker (tens of seconds)
     with context.Pool(4) as pool:
-        results = pool.starmap(
-            _add_worker, [(env.location, str(env.blobs), env.admin, files[i::4]) for i in range(4)]
-        )
+        results = pool.starmap(_add_worker, [(env.location, str(env.blobs), env.admin, files[i::4]) for i in range(4)])
     numbers = sorted(n for result in results for n in result)
     assert numbers == list(range(1, 13))
     versions = env.library.show("acme-mug", api_key=env.admin).versions
@@ -407,20 +414,13 @@ def test_crash_between_blob_and_row_leaves_an_orphan_that_gc_removes(env, monkey
     assert lib.add(concept_file(env, 3), "acme-mug", api_key=admin).number == 2  # the same file adds cleanly now
 
 
-def test_fresh_and_older_databases_reach_the_current_schema(env):
+def test_fresh_and_older_databases_reach_the_current_schema(env, request):
     head = head_revision()
     assert current_revision(env.library.engine) == head == "0002"
     if env.admin is None:
         location = f"sqlite:///{env.tmp / 'old.sqlite'}"
     else:
-        location = env.library.location.url.rsplit("/", 1)[0] + "/" + env.location.rsplit("/", 1)[1] + "_old"
-        from library_support import PostgresCluster  # noqa: F401  (the cluster is the session's)
-
-        import psycopg
-
-        port = env.library.engine.url.port
-        with psycopg.connect(f"host=127.0.0.1 port={port} user=keylocked dbname=postgres", autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{location.rsplit("/", 1)[1]}"')
+        location = request.getfixturevalue("postgres_cluster").database(migrated=False)
     old = create_engine(location)
     upgrade_schema(old, "0001")  # what an older keylocked made
     with old.begin() as c:
@@ -435,9 +435,10 @@ def test_fresh_and_older_databases_reach_the_current_schema(env):
     if env.admin is not None:
         with pytest.raises(KeylockedError, match="run `keylocked library upgrade`"):
             Library.open(location, blobs=env.blobs)
-        from keylocked.library.db import make_engine
+        from keylocked.cli import main
+        from keylocked.library.cli import add_library_parser  # noqa: F401  (the verb below is the CLI's)
 
-        upgrade_schema(make_engine(location))  # what `keylocked library upgrade` runs
+        assert main(["library", "upgrade", "--library", location, "--blobs", str(env.blobs)]) == 0
     with Library.open(location, blobs=env.blobs) as library:  # SQLite: upgraded on open
         assert current_revision(library.engine) == head
         [concept] = library.list(api_key=None if env.admin is None else _bootstrap(library))

@@ -274,7 +274,7 @@ def locate(location: str | os.PathLike | None = None, blobs: str | os.PathLike |
 class Library:
     """A concept library: open with ``Library.open(location)``, create with ``Library.init(location)``."""
 
-    def __init__(self, location: Location, *, create: bool = False) -> None:
+    def __init__(self, location: Location, *, create: bool = False, upgrade: bool = False) -> None:
         self.location = location
         if location.sqlite_file is not None:
             if not location.sqlite_file.exists() and not create:
@@ -285,13 +285,16 @@ class Library:
             location.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(location.url)
         self.store = BlobStore(location.blobs)
-        self._check_schema(create)
+        self._check_schema(create or upgrade)
 
     # -- opening -----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, location: str | os.PathLike | None = None, *, blobs: str | os.PathLike | None = None) -> Library:
-        return cls(locate(location, blobs))
+    def open(
+        cls, location: str | os.PathLike | None = None, *, blobs: str | os.PathLike | None = None, upgrade: bool = False
+    ) -> Library:
+        """Open an existing library; ``upgrade=True`` migrates an older schema first (SQLite always does)."""
+        return cls(locate(location, blobs), upgrade=upgrade)
 
     @classmethod
     def init(cls, location: str | os.PathLike | None = None, *, blobs: str | os.PathLike | None = None) -> Library:
@@ -307,11 +310,11 @@ class Library:
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
-    def _check_schema(self, create: bool) -> None:
+    def _check_schema(self, migrate: bool) -> None:
         current, head = current_revision(self.engine), head_revision()
         if current == head:
             return
-        if create or self.is_sqlite:  # one local file, one user: upgrading on open is safe
+        if migrate or self.is_sqlite:  # one local file, one user: upgrading on open is safe
             upgrade_schema(self.engine)
             return
         if current is None:
@@ -424,14 +427,20 @@ class Library:
         *,
         notes: str = "",
         base_model_name: str = "",
+        project: str | None = None,
         api_key: str | None = None,
     ) -> VersionInfo:
-        """Register a concept file as the next draft version of ``name`` (the concept is created if new)."""
+        """Register a concept file as the next draft version of ``name`` (the concept is created if new).
+
+        ``project``: the project it was trained for (checked against the key, recorded in the audit row).
+        """
         _check_name("concept", name)
+        if project:
+            _check_name("project", project)
         data = _read_file(path)
-        with self._operation("version.add", api_key, "publish", concept=name) as (session, caller):
-            version = self._add_version(session, caller, data, name, notes, base_model_name, source=str(path))
-            return version
+        with self._operation("version.add", api_key, "publish", concept=name, project=project) as (session, caller):
+            details = {"project": project} if project else None
+            return self._add_version(session, caller, data, name, notes, base_model_name, str(path), details)
 
     def _add_version(
         self,
@@ -504,6 +513,7 @@ class Library:
             "version.add",
             concept=name,
             version=number,
+            project=(details or {}).get("project", ""),
             details={"sha256": sha256, "bytes": len(data), "source": source, **(details or {})},
         )
         return _version_info(row, name)

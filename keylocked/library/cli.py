@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from datetime import datetime
 from typing import Any
 
@@ -45,7 +46,8 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(*["" if cell is None else str(cell) for cell in row])
-    Console(soft_wrap=True).print(table)
+    # Piped output (a log, a test) gets one wide line per row instead of rich's 80-column wrapping.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 def _when(value: datetime | None) -> str:
@@ -71,7 +73,7 @@ def _init(args: argparse.Namespace) -> None:
 
 
 def _upgrade(args: argparse.Namespace) -> None:
-    with _open(args) as library:
+    with Library.open(args.library, blobs=args.blobs, upgrade=True) as library:
         revision = library.upgrade()
     _print_json({"revision": revision}) if args.json else print(f"schema at revision {revision}")
 
@@ -79,7 +81,12 @@ def _upgrade(args: argparse.Namespace) -> None:
 def _add(args: argparse.Namespace) -> None:
     with _open(args) as library:
         version = library.add(
-            args.file, args.name, notes=args.notes, base_model_name=args.base_model_name, api_key=_key(args)
+            args.file,
+            args.name,
+            notes=args.notes,
+            base_model_name=args.base_model_name,
+            project=args.project,
+            api_key=_key(args),
         )
     _print_json(version) if args.json else print(
         f"added {version.reference} ({version.status}, sha256 {version.sha256[:12]})"
@@ -322,6 +329,7 @@ def add_library_parser(verbs: argparse._SubParsersAction) -> None:
     add.add_argument("--name", required=True, help="concept name, e.g. acme-mug")
     add.add_argument("--notes", default="", help="why this version exists")
     add.add_argument("--base_model_name", default="", help="human name of the base model (first time it is seen)")
+    add.add_argument("--project", help="the project it was trained for (checked against the key, audited)")
     verb("list", _list, "list concepts and their versions")
     show = verb("show", _show, "show one concept: versions, grants")
     show.add_argument("name")
