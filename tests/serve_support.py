@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 import torch
+from argon2 import PasswordHasher
 from conftest import build_tiny_pipeline
 from PIL import Image
 
@@ -13,6 +15,7 @@ from keylocked.base_model import cross_attention_layers
 from keylocked.concept import Concept
 from keylocked.covariance import BUNDLED_FILENAME, estimate_covariance
 from keylocked.library import Library
+from keylocked.library import keys as key_hashing
 from keylocked.loading import pipeline_fingerprint
 from keylocked.models import load_pipeline
 from keylocked.serving.app import create_app
@@ -89,10 +92,12 @@ class Setup:
             "admin": (["admin"], []),
             "revoked": (["use"], ["acme"]),
         }
-        self.keys = {
-            who: self.library.create_key(who, scopes, projects=projects, api_key=owner).key
-            for who, (scopes, projects) in keys.items()
-        }
+        with pytest.MonkeyPatch.context() as patch:  # argon2 at its smallest cost, as the library tests do
+            patch.setattr(key_hashing, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+            self.keys = {
+                who: self.library.create_key(who, scopes, projects=projects, api_key=owner).key
+                for who, (scopes, projects) in keys.items()
+            }
         self.library.revoke_key(self.keys["revoked"].split("_")[1], api_key=owner)
         self.config = ServeConfig(
             pretrained_model_name_or_path=str(model_dir),
