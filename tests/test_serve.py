@@ -306,3 +306,11 @@ def test_a_training_job_reports_progress_and_becomes_a_draft(client, setup):
     assert client.get(f"/v1/trainings/{job['id']}", headers=bearer(setup.keys["reviewer"])).status_code == 403
     version = setup.library.show("delta").versions[0]
     assert version.status == "draft" and job["id"] in version.notes and version.created_by == "publisher"
+
+
+def test_serve_verb_refuses_a_missing_library_in_one_line(tmp_path, capsys):
+    from keylocked.cli import main
+
+    code = main(["serve", "--pretrained_model_name_or_path", "emoji-64", "--library", str(tmp_path / "nowhere")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith("error: ") and "no concept library" in error and "\n" not in error

@@ -68,10 +68,8 @@ class ResolvedConcept:
 class LibraryAccess:
     """Authentication, authorization and audit for one replica, over one library."""
 
-    def __init__(self, library, base_model_fingerprint: str, replica: str = "", blobs: str | None = None) -> None:
-        from ..library import Library
-
-        self.library = library if isinstance(library, Library) else Library.open(library, blobs=blobs)
+    def __init__(self, library, base_model_fingerprint: str, replica: str = "") -> None:
+        self.library = library  # keylocked.library.Library
         self.fingerprint = base_model_fingerprint
         self.replica = replica
 

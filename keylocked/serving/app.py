@@ -62,8 +62,13 @@ class ServiceState:
     """What one replica holds: the pipeline (through the generator), library access, jobs, metrics."""
 
     def __init__(self, config: ServeConfig, pipe=None, library=None) -> None:
+        from ..library import Library
+
         self.config = config
         self.metrics = ServiceMetrics()
+        # The library first: a wrong location is a one-line error before minutes of model loading.
+        if not isinstance(library, Library):
+            library = Library.open(library if library is not None else config.library, blobs=config.library_blobs)
         if pipe is None:
             from ..models import load_pipeline
 
@@ -77,12 +82,7 @@ class ServiceState:
             cache_bytes=int(config.concept_cache_mb * 1024 * 1024),
             metrics=self.metrics,
         )
-        self.access = LibraryAccess(
-            library if library is not None else config.library,
-            self.generator.fingerprint,
-            config.replica_id,
-            blobs=config.library_blobs,
-        )
+        self.access = LibraryAccess(library, self.generator.fingerprint, config.replica_id)
         self.resolution = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
         self.jobs = TrainingJobs(
             self.access.sql_engine,
