@@ -1,5 +1,6 @@
-"""`keylocked serve` as deployed: a real uvicorn on a loopback port (a client that goes away mid-
-request, a replica killed during a training job), and two replicas sharing one PostgreSQL library."""
+"""`keylocked serve` as deployed: a real server process on a loopback port (a client that goes away
+mid-request, a replica killed during a training job), and two replicas on two ports sharing one
+PostgreSQL library."""
 
 from __future__ import annotations
 
@@ -122,10 +123,36 @@ def _square(index: int) -> bytes:
     return png_bytes(colour=(200, 40 + 60 * index, 40))
 
 
+class Replica:
+    """A real uvicorn serving one app on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> httpx.Client:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "replica did not start"
+            time.sleep(0.05)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
+        return self.client
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
 def test_two_replicas_share_one_postgres_library(postgres_cluster, tmp_path, model_dir):  # noqa: F811
     setup = Setup(tmp_path, model_dir, location=postgres_cluster.database(), blobs=tmp_path / "blobs")
     designer, publisher, reviewer, admin = (setup.keys[k] for k in ("designer", "publisher", "reviewer", "admin"))
-    with TestClient(setup.app(replica_id="replica-a")) as a, TestClient(setup.app(replica_id="replica-b")) as b:
+    with Replica(setup.app(replica_id="replica-a")) as a, Replica(setup.app(replica_id="replica-b")) as b:
+        assert a.base_url.port != b.base_url.port
         first = generate(a, designer)
         assert first.status_code == 200 and first.json()["concepts"][0]["version"] == 1
         # a new version, uploaded and approved through replica B ...

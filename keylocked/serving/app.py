@@ -202,7 +202,7 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
             model=config.pretrained_model_name_or_path,
             base_model_fingerprint=state.generator.fingerprint,
             queue_depth=state.generator.queue_depth(),
-            training_jobs_running=state.jobs.counts().get("running", 0),
+            training_jobs_running=(await asyncio.to_thread(state.jobs.counts)).get("running", 0),
             version=__version__,
         )
         return health if healthy else JSONResponse(health.model_dump(), status_code=503)
