@@ -141,6 +141,7 @@ def load(args, port: int, key: str, tokens: list[tuple[str, str]]) -> dict:
                     else:
                         latencies.append(time.perf_counter() - started)
 
+    before = httpx.get(f"{base}/metrics", timeout=30).text  # the warm-up's batches are not the load's
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
     for thread in threads:
@@ -149,8 +150,8 @@ def load(args, port: int, key: str, tokens: list[tuple[str, str]]) -> dict:
         thread.join()
     wall = time.perf_counter() - started
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
-    batches = _histogram(metrics, "keylocked_batch_images")
-    requests_per_batch = _histogram(metrics, "keylocked_batch_requests")
+    batches = _histogram(metrics, "keylocked_batch_images", before)
+    requests_per_batch = _histogram(metrics, "keylocked_batch_requests", before)
     answered = len(latencies) + len(errors)
     return {
         "requests_sent": sent[0],
@@ -177,12 +178,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def _histogram(metrics: str, name: str) -> dict[str, float]:
+def _histogram(metrics: str, name: str, before: str = "") -> dict[str, float]:
+    """Sum and count of a Prometheus histogram, minus those in ``before``."""
     out = {"sum": 0.0, "count": 0.0}
-    for line in metrics.splitlines():
-        for part in ("sum", "count"):
-            if line.startswith(f"{name}_{part} "):
-                out[part] = float(line.rsplit(" ", 1)[1])
+    for text, sign in ((metrics, 1.0), (before, -1.0)):
+        for line in text.splitlines():
+            for part in ("sum", "count"):
+                if line.startswith(f"{name}_{part} "):
+                    out[part] += sign * float(line.rsplit(" ", 1)[1])
     return out
 
 
