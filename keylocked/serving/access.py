@@ -244,7 +244,7 @@ class LibraryAccess:
             details={"replica": self.replica, "sha256_of": "rgb pixels", **details},
         )
 
-    def add_version(self, who: Principal, project: str | None, name: str, data: bytes, notes: str | None) -> dict:
+    def add_version(self, who: Principal, name: str, data: bytes, notes: str | None) -> dict:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "upload.safetensors"
             path.write_bytes(data)

@@ -268,11 +268,10 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
         file: Annotated[UploadFile, File(description="a keylocked concept file (.safetensors)")],
         name: Annotated[str, Form(max_length=128)],
         notes: Annotated[str | None, Form(max_length=2000)] = None,
-        project: Annotated[str | None, Form(max_length=128)] = None,
     ) -> dict[str, Any]:
         """Add a concept file as a new draft version (``publish`` scope); a reviewer approves it."""
         data = await file.read()
-        row = await asyncio.to_thread(state.access.add_version, who, project, name, data, notes)
+        row = await asyncio.to_thread(state.access.add_version, who, name, data, notes)
         request.state.audited = True
         return row
 
