@@ -92,12 +92,8 @@ class Setup:
             "admin": (["admin"], []),
             "revoked": (["use"], ["acme"]),
         }
-        with pytest.MonkeyPatch.context() as patch:  # argon2 at its smallest cost, as the library tests do
-            patch.setattr(key_hashing, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
-            self.keys = {
-                who: self.library.create_key(who, scopes, projects=projects, api_key=owner).key
-                for who, (scopes, projects) in keys.items()
-            }
+        self.owner = owner
+        self.keys = {who: self.new_key(who, scopes, projects) for who, (scopes, projects) in keys.items()}
         self.library.revoke_key(self.keys["revoked"].split("_")[1], api_key=owner)
         self.config = ServeConfig(
             pretrained_model_name_or_path=str(model_dir),
@@ -109,6 +105,11 @@ class Setup:
             replica_id=config.pop("replica_id", "test-replica"),
             **config,
         )
+
+    def new_key(self, principal: str, scopes: list[str], projects: list[str]) -> str:
+        with pytest.MonkeyPatch.context() as patch:  # argon2 at its smallest cost, as the library tests do
+            patch.setattr(key_hashing, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+            return self.library.create_key(principal, scopes, projects=projects, api_key=self.owner).key
 
     def app(self, pipe=None, **overrides):
         config = ServeConfig(**{**self.config.__dict__, **overrides})

@@ -72,6 +72,14 @@ def test_keys_scopes_and_grants(client, setup, who, method, path, status):
     assert any(row["outcome"] == "denied" for row in rows), rows  # every refusal leaves a row
 
 
+def test_a_revoked_key_stops_working_at_once(client, setup):
+    key = setup.new_key("temp", ["use"], ["acme"])
+    assert client.get("/v1/concepts", headers=bearer(key)).status_code == 200  # verified (and remembered)
+    setup.library.revoke_key(key.split("_")[1])
+    response = client.get("/v1/concepts", headers=bearer(key))
+    assert response.status_code == 401 and "revoked" in response.json()["detail"]
+
+
 def test_a_key_sees_only_its_projects_concepts(client, setup):
     listed = client.get("/v1/concepts", headers=bearer(setup.keys["designer"])).json()["concepts"]
     assert sorted(c["name"] for c in listed) == ["alpha", "beta"]
