@@ -220,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="personalize the embedded emoji-64 model end to end (CPU, minutes)")
     add_dataclass_arguments(demo, DemoConfig)
     demo.set_defaults(handler=_demo)
+
+    from .library.cli import add_library_parser
+    from .serving.cli import add_serve_parser
+
+    add_library_parser(verbs)
+    add_serve_parser(verbs)
     return parser
 
 

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base_model import KeylockedError
 from .perfusion import keylocked_projection
+from .rows import ConceptOptions, RowPlan
 
 Lock = Literal["local", "global"]
 Role = Literal["key", "value"]
@@ -44,6 +46,7 @@ class KeyLockedContext:
     # looks its input up here.
     global_key_pairs: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     revision: int = 0  # bumped on every change, invalidates the per-prompt caches
+    row_plan: RowPlan | None = None  # per-row concept sets for the current call (keylocked.rows)
 
     def active_names(self) -> list[str]:
         return [name for name in self.concepts if name in self.active]
@@ -117,7 +120,7 @@ class KeyLockedLinear(WrappedLinear):
         self.role = role
         self.context = context
         self.value_targets = nn.ParameterDict()  # concept name -> (out,)
-        self._cache: tuple[Tensor, int, int, Tensor] | None = None
+        self._cache: tuple[Tensor, RowPlan | None, tuple[int, int, int], Tensor] | None = None
 
     def output_targets(self, names: list[str]) -> Tensor:
         """o* for the named concepts, (n, out)."""
@@ -129,35 +132,73 @@ class KeyLockedLinear(WrappedLinear):
 
     def forward(self, encodings: Tensor) -> Tensor:
         context = self.context
-        names = context.active_names()
-        if not names:
+        plan = context.row_plan
+        if plan is None:
+            names = context.active_names()
+            if not names:
+                return self.base_layer(encodings)
+        elif all(row is None for row in plan.rows):
             return self.base_layer(encodings)
         # Text encodings are fixed across denoising steps: reuse the last result for the same
-        # input tensor (held here, so its memory cannot be recycled under another prompt).
+        # input tensor (held here, so its memory cannot be recycled under another prompt), the
+        # same concept state (revision) and the same row plan (held: its rows carry each row's
+        # concept set, β/τ and lock; its twins the global-lock key inputs).
         cacheable = not torch.is_grad_enabled()
+        key = (encodings._version, context.revision, len(plan.twins) if plan is not None else -1)
         if cacheable and self._cache is not None:
-            cached_input, version, revision, cached_output = self._cache
-            if cached_input is encodings and version == encodings._version and revision == context.revision:
+            cached_input, cached_plan, cached_key, cached_output = self._cache
+            if cached_input is encodings and cached_plan is plan and cached_key == key:
                 return cached_output
-        if self.role == "key" and context.lock == "global":
-            projected_input = context.key_path_encodings(encodings)
+        if plan is None:
+            global_lock = self.role == "key" and context.lock == "global"
+            projected_input = context.key_path_encodings(encodings) if global_lock else encodings
+            slots = [context.concepts[name] for name in names]
+            options = [ConceptOptions(name, slot.beta, slot.temperature) for name, slot in zip(names, slots)]
+            output = self._edit(projected_input, options)
         else:
-            projected_input = encodings
-        slots = [context.concepts[name] for name in names]
+            output = self._edit_rows(encodings, plan)
+        self._cache = (encodings, plan, key, output) if cacheable else None
+        return output
+
+    def _edit(self, encodings: Tensor, options: list[ConceptOptions] | tuple[ConceptOptions, ...]) -> Tensor:
+        """The gated key-locked edit of ``encodings`` (..., d) for the given concepts."""
+        context = self.context
+        names = [option.name for option in options]
         device = encodings.device
-        output = keylocked_projection(
-            projected_input,
+        return keylocked_projection(
+            encodings,
             self.base_layer,
-            concept_inputs=torch.stack([slot.concept_input for slot in slots]).to(device),
+            concept_inputs=torch.stack([context.concepts[name].concept_input for name in names]).to(device),
             output_targets=self.output_targets(names).to(device),
             input_covariance_inv=context.input_covariance_inv.to(device),
-            beta=torch.tensor([slot.beta for slot in slots], device=device),
-            temperature=torch.tensor([slot.temperature for slot in slots], device=device),
+            beta=torch.tensor([option.beta for option in options], device=device),
+            temperature=torch.tensor([option.temperature for option in options], device=device),
         )
-        if cacheable:
-            self._cache = (encodings, encodings._version, context.revision, output)
-        else:
-            self._cache = None
+
+    def _edit_rows(self, encodings: Tensor, plan: RowPlan) -> Tensor:
+        """Each group of rows with one concept set edited with exactly that set (None: base layer)."""
+        batch = encodings.shape[0]
+        if batch != len(plan.rows):
+            raise KeylockedError(
+                f"the row plan has {len(plan.rows)} rows but the UNet batch has {batch}; build it in the "
+                "pipeline's row order (keylocked.rows.pipeline_rows)"
+            )
+        output = None
+        for row, indices in plan.groups().items():
+            whole = len(indices) == batch
+            index = torch.tensor(indices, device=encodings.device)
+            rows_in = encodings if whole else encodings.index_select(0, index)  # (k, T, d)
+            if row is None:
+                rows_out = self.base_layer(rows_in)
+            else:
+                if self.role == "key" and row.lock == "global":
+                    rows_in = plan.key_path_encodings(row.names, rows_in)
+                rows_out = self._edit(rows_in, row.concepts)  # (k, T, out)
+            if whole:
+                return rows_out
+            if output is None:
+                output = rows_out.new_empty((batch, *rows_out.shape[1:]))  # (B, T, out)
+            output.index_copy_(0, index, rows_out)
         return output
 
     def clear_cache(self) -> None:

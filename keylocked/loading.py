@@ -295,7 +295,18 @@ def _global_lock_hook(pipe, installation: _Installation):
 
     def hook(module, args, kwargs, output):
         context = installation.context
-        if busy[0] or context.lock != "global" or not context.active:
+        if busy[0]:
+            return None
+        if context.row_plan is not None:  # per-row concept sets: twins per global set (keylocked.rows)
+            busy[0] = True
+            try:
+                context.row_plan.register_twins(
+                    module, args, kwargs, output, installation.token_ids, installation.superclass_ids
+                )
+            finally:
+                busy[0] = False
+            return None
+        if context.lock != "global" or not context.active:
             return None
         input_ids = args[0] if args else kwargs.get("input_ids")
         if input_ids is None:
