@@ -23,8 +23,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 
 from .. import __version__
@@ -56,6 +57,15 @@ ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Probl
 MULTIPART_OVERHEAD = 64 * 1024  # form boundaries and fields around the files
 MAX_IMAGE_PIXELS = 4096 * 4096  # a decompression bomb is refused before it is decoded
 THUMBNAILS_KEPT = 256  # PNGs of a few KB each, by version sha256 (oldest first out)
+PAGE_DIR = Path(__file__).parent / "static"
+# The page loads nothing from elsewhere; the policy makes the browser refuse it if it ever tried.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 class ServiceState:
@@ -475,6 +485,13 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
         rows = await asyncio.to_thread(state.access.audit_rows, who, limit, concept, project)
         request.state.audited = True
         return AuditPage(rows=rows)
+
+    # -- the web page (docs/page.md): static files calling the API above with the user's key ----
+    app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
+
+    @app.get("/", include_in_schema=False, response_class=FileResponse)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE_DIR / "index.html", headers=PAGE_HEADERS)
 
     return app
 
