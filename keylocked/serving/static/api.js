@@ -22,9 +22,9 @@ export const session = {
     if (project && project.trim()) sessionStorage.setItem(PROJECT, project.trim());
     else sessionStorage.removeItem(PROJECT);
   },
+  /** Forget the key, the project and everything else this tab kept. */
   signOut() {
-    sessionStorage.removeItem(KEY);
-    sessionStorage.removeItem(PROJECT);
+    sessionStorage.clear();
   },
 };
 

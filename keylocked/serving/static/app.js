@@ -65,6 +65,7 @@ async function signIn(event) {
     await loadConcepts();
   } catch (error) {
     if (error.status !== 401) {
+      // 401 already reloads the page; anything else (a project to name, the server down) is said here.
       session.signOut();
       say(sentence(error));
       if (error.status === 422 || error.status === 403) $("#project").focus();
@@ -75,13 +76,18 @@ async function signIn(event) {
   enter();
 }
 
-function signOut(message = "") {
+const FLASH = "keylocked.flash"; // a message that survives the reload of signing out
+
+/** Forget the key and reload: no image, thumbnail or job of this key stays in the page for the next one. */
+function signOut(message = "", kind = "error") {
   session.signOut();
-  for (const id of ["#tabs", "#who", "#sign-out"]) $(id).hidden = true;
-  for (const section of document.querySelectorAll(".tab")) section.hidden = true;
+  if (message) sessionStorage.setItem(FLASH, JSON.stringify([message, kind]));
+  window.location.reload();
+}
+
+function showSignIn(message = "", kind = "error") {
   $("#sign-in").hidden = false;
-  $("#project").value = "";
-  say(message);
+  say(message, kind);
   $("#api-key").focus();
 }
 
@@ -230,13 +236,21 @@ const gen = {
   inflight: 0,
   gallery: new Set(), // png sha256 already shown
 };
-const STRIP = [-0.2, -0.1, 0.1, 0.2]; // the strip's β offsets around the slider's value
+const AROUND = [-0.1, 0.1, -0.2, 0.2, -0.3, 0.3, -0.4, 0.4]; // strip offsets, nearest first
+
+/** The strip's four β: the nearest tenths around the slider's value that stay on the slider's scale. */
+function stripBetas(beta) {
+  const slider = $("#beta");
+  const [low, high] = [Number(slider.min), Number(slider.max)];
+  const inside = AROUND.map((offset) => round(beta + offset)).filter((b) => b >= low - 1e-9 && b <= high + 1e-9);
+  return inside.slice(0, 4).sort((a, b) => a - b);
+}
 
 function renderPicker() {
   const picker = $("#concept-picker");
   picker.replaceChildren(
     h("option", { value: "" }, state.concepts.length ? "Add a concept…" : "No concepts available"),
-    state.concepts.map((c) => h("option", { value: c.name }, `${c.name} — ${c.token} (${c.super_category})`)),
+    ...state.concepts.map((c) => h("option", { value: c.name }, `${c.name} — ${c.token} (${c.super_category})`)),
   );
   picker.disabled = !state.concepts.length;
   renderChosen();
@@ -388,14 +402,14 @@ async function run({ keep }) {
   const beta = Number($("#beta").value);
   const count = keep ? Math.max(1, Number($("#num-images").value || 1)) : 1;
   const main = draw(requestBody(beta, count));
-  const betas = gen.chosen.length ? STRIP.map((offset) => round(beta + offset)) : [];
+  const betas = gen.chosen.length ? stripBetas(beta) : [];
   const strip = betas.map((b) => draw(requestBody(b, 1)));
   renderStrip(betas, strip, ticket);
   busy(true);
   try {
     const result = await main;
     if (ticket === gen.ticket) showPreview(result, beta);
-    if (keep) for (const image of result.images) addToGallery(image, result.response);
+    if (keep) for (const image of [...result.images].reverse()) addToGallery(image, result.response);
   } catch (error) {
     if (ticket === gen.ticket) say(sentence(error));
   }
@@ -517,6 +531,7 @@ function watchQueue() {
 }
 
 function busy(on) {
+  if (!on && gen.inflight <= 0) $("#generate-status").textContent = "";
   $("#generate-button").disabled = on;
   $("#generate-button").textContent = on ? "Drawing…" : "Generate";
 }
@@ -550,7 +565,7 @@ function addFiles(files) {
 function renderPicked() {
   const box = $("#picked");
   box.replaceChildren(
-    train.files.map((file, index) =>
+    ...train.files.map((file, index) =>
       h(
         "span",
         { class: "pick" },
@@ -636,6 +651,7 @@ async function follow(job) {
     line,
     result,
   );
+  $("#jobs-empty").hidden = true;
   $("#jobs").prepend(card);
   const seen = { at: Date.now(), step: job.step };
   const update = (current) => {
@@ -731,10 +747,11 @@ async function loadAudit(event) {
       },
     });
     audit.rows = rows.reverse(); // newest first
+    $("#audit-rows").hidden = false;
     renderAudit();
   } catch (error) {
     audit.rows = [];
-    renderAudit();
+    $("#audit-rows").hidden = true;
     status.textContent =
       error.status === 403 ? `${sentence(error)} The audit log is for keys with the admin scope.` : sentence(error);
   }
@@ -780,7 +797,7 @@ function renderAudit() {
 
 function wire() {
   $("#sign-in-form").addEventListener("submit", signIn);
-  $("#sign-out").addEventListener("click", () => signOut("Signed out."));
+  $("#sign-out").addEventListener("click", () => signOut("Signed out.", "info"));
   for (const button of document.querySelectorAll("#tabs button")) {
     button.addEventListener("click", () => show(button.dataset.tab));
   }
@@ -844,15 +861,17 @@ async function start() {
       $("#model").textContent = String(health.model).split("/").filter(Boolean).pop() || "";
     })
     .catch(() => {});
+  const flash = JSON.parse(sessionStorage.getItem(FLASH) || '["", "info"]');
+  sessionStorage.removeItem(FLASH);
   if (!session.key) {
-    signOut();
+    showSignIn(...flash);
     return;
   }
   try {
     await loadConcepts();
     enter();
   } catch (error) {
-    if (error.status !== 401) signOut(sentence(error));
+    if (error.status !== 401) showSignIn(sentence(error));
   }
 }
 
