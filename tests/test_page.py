@@ -207,7 +207,11 @@ def test_sign_in_generate_and_move_beta(page, setup, tmp_path):
 
 
 def test_concepts_show_thumbnails_versions_and_status(page, setup):
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
     signed_in(page, setup.keys["designer"])
+    page.wait_for_timeout(300)
+    assert not [url for url in requested if "thumbnail" in url]  # samples are drawn only when on screen
     page.click("#tabs button[data-tab=concepts]")
     cards = page.query_selector_all("#concept-list .concept")
     assert sorted(card.get_attribute("data-name") for card in cards) == ["alpha", "beta"]  # not gamma
@@ -295,23 +299,31 @@ def test_train_shows_progress_and_previews_the_result(page, setup):
     assert setup.library.show("alpha").versions[-1].status == "draft"
 
 
-def test_admin_reads_the_audit_log_with_filters(page, setup):
+def test_admin_reads_the_audit_log_with_filters(page, setup, server):
+    designer = {"Authorization": f"Bearer {setup.keys['designer']}"}
+    assert httpx.get(server.url + "v1/audit", headers=designer).status_code == 403  # a denied row
+    body = {"prompt": "a <beta>", "concepts": ["beta"], "seed": 0, "steps": 2}
+    assert httpx.post(server.url + "v1/images", json=body, headers=designer, timeout=60).status_code == 200
     signed_in(page, setup.keys["admin"])
     page.click("#tabs button[data-tab=audit]")
-    page.wait_for_selector("#audit-table tbody tr.row")
-    rows = page.query_selector_all("#audit-table tbody tr.row")
+    page.wait_for_selector("#audit-table tbody tr.entry")
+    rows = page.query_selector_all("#audit-table tbody tr.entry")
     ids = [int(row.get_attribute("data-id")) for row in rows]
     assert ids == sorted(ids, reverse=True)  # newest first
     page.select_option("#audit-outcome", "denied")
-    outcomes = {row.query_selector("td:nth-child(5)").inner_text() for row in page.query_selector_all("tr.row")}
+    outcomes = {row.query_selector("td:nth-child(5)").inner_text() for row in page.query_selector_all("tr.entry")}
     assert outcomes == {"denied"}
     page.select_option("#audit-outcome", "")
     page.fill("#audit-concept", "beta")
     page.click("#audit-form button[type=submit]")
-    until(page, "[...document.querySelectorAll('tr.row td:nth-child(6)')].map(td => td.textContent).join() !== ''")
-    concepts = [td.inner_text() for td in page.query_selector_all("tr.row td:nth-child(6)")]
-    assert concepts and all(c.startswith("beta") for c in concepts), concepts
-    page.click("tr.row")
+    # The server filters: only rows about beta (its uses, its generations) come back.
+    until(
+        page,
+        "[...document.querySelectorAll('tr.entry td:nth-child(6)')].every(td => td.textContent.startsWith('beta'))",
+    )
+    actions = {td.inner_text() for td in page.query_selector_all("tr.entry td:nth-child(4)")}
+    assert {"concept.use", "generate"} <= actions, actions
+    page.click("tr.entry")
     assert page.is_visible("tr.details pre")
 
 

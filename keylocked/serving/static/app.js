@@ -147,12 +147,23 @@ function thumbnail(name, version) {
   return thumbnails.get(id);
 }
 
+// A sample is drawn by the server (and audited) on first request: fetch it only once its card is on screen.
+const onScreen = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    if (!entry.isIntersecting) continue;
+    onScreen.unobserve(entry.target);
+    entry.target.load();
+  }
+});
+
 function thumbnailFigure(name, version) {
   const figure = h("figure", { class: "thumb" }, h("span", { class: "hint" }, "drawing a sample…"));
-  thumbnail(name, version).then(
-    (url) => figure.replaceChildren(h("img", { src: url, alt: `sample of ${name}@${version}` })),
-    (error) => figure.replaceChildren(h("span", { class: "hint error" }, sentence(error))),
-  );
+  figure.load = () =>
+    thumbnail(name, version).then(
+      (url) => figure.replaceChildren(h("img", { src: url, alt: `sample of ${name}@${version}` })),
+      (error) => figure.replaceChildren(h("span", { class: "hint error" }, sentence(error))),
+    );
+  onScreen.observe(figure);
   return figure;
 }
 
@@ -776,7 +787,7 @@ function renderAudit() {
     body.append(
       h(
         "tr",
-        { class: `row ${row.outcome}`, dataset: { id: row.id }, onclick: () => (details.hidden = !details.hidden) },
+        { class: `entry ${row.outcome}`, dataset: { id: row.id }, onclick: () => (details.hidden = !details.hidden) },
         h("td", {}, String(row.id)),
         h("td", {}, String(row.at).replace("T", " ").slice(0, 19)),
         h("td", {}, row.actor),
