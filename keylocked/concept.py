@@ -10,11 +10,20 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from .base_model import KeylockedError
-from .io import atomic_path, read_safetensors_header
+from .io import read_safetensors_header, save_safetensors
+from .validation import (
+    check_beta,
+    check_finite_tensor,
+    check_float_dtype,
+    check_format_version,
+    check_nonzero_vector,
+    check_tau,
+    check_token_text,
+)
 
 FORMAT_NAME = "keylocked.perfusion.concept"
 FORMAT_VERSION = 1
@@ -43,19 +52,12 @@ class Concept:
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.placeholder_token or any(c.isspace() for c in self.placeholder_token):
-            raise KeylockedError(f"placeholder token must be one word without spaces, got {self.placeholder_token!r}")
-        d_text = self.concept_input.shape
-        if self.superclass_input.shape != d_text or len(d_text) != 1:
-            raise KeylockedError(
-                f"concept_input {tuple(self.concept_input.shape)} and superclass_input "
-                f"{tuple(self.superclass_input.shape)} must be vectors of the same size"
-            )
-        if self.token_embedding.dim() != 1:
-            raise KeylockedError(f"token_embedding must be a vector, got shape {tuple(self.token_embedding.shape)}")
-        for name, target in self.value_targets.items():
-            if target.dim() != 1:
-                raise KeylockedError(f"value target of {name!r} must be a vector, got {tuple(target.shape)}")
+        check_token_text(self.placeholder_token)
+        for name in ("train_beta", "beta"):
+            setattr(self, name, check_beta(getattr(self, name), name))
+        for name in ("train_temperature", "temperature"):
+            setattr(self, name, check_tau(getattr(self, name), name))
+        check_concept_shapes({name: tuple(t.shape) for name, t in self.tensors().items()})
 
     @property
     def name(self) -> str:
@@ -89,55 +91,133 @@ class Concept:
         }
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
-        """Write atomically; fp16 by default (the metric is computed in fp32 at use)."""
+        """Write atomically, with canonical bytes; fp16 by default (the metric is computed in fp32 at use)."""
         tensors = {k: t.detach().to("cpu", dtype).contiguous() for k, t in self.tensors().items()}
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=self.metadata())
-        return path
+        return save_safetensors(tensors, path, self.metadata())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Concept:
+    def load(cls, path: str | os.PathLike, dims: ConceptDims | None = None) -> Concept:
+        """Read a concept file, checking its header (names, float dtypes, shapes, and ``dims`` when
+        given) before any tensor is read, then its values (finite, i* not zero)."""
         path = Path(path)
-        metadata = read_metadata(path)
+        header = read_safetensors_header(path, "concept file")
+        metadata = parse_metadata(path, header.metadata)
+        for name, info in header.tensors.items():
+            check_float_dtype(f"{path}: tensor {name!r}", info.dtype)
+        check_concept_shapes({name: info.shape for name, info in header.tensors.items()}, dims, str(path))
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as error:
             raise KeylockedError(f"{path}: cannot read tensors ({error})") from error
-        missing = {"token_embedding", "concept_input", "superclass_input"} - tensors.keys()
-        value_targets = {k[len(VALUE_PREFIX) :]: t.float() for k, t in tensors.items() if k.startswith(VALUE_PREFIX)}
-        if missing or not value_targets:
+        tensors = {name: check_finite_tensor(f"{path}: tensor {name!r}", t).float() for name, t in tensors.items()}
+        check_nonzero_vector(f"{path}: concept_input (i*)", tensors["concept_input"])
+        return cls(
+            placeholder_token=metadata["placeholder_token"],
+            superclass_token=metadata["superclass_token"],
+            token_embedding=tensors["token_embedding"],
+            concept_input=tensors["concept_input"],
+            superclass_input=tensors["superclass_input"],
+            value_targets={k[len(VALUE_PREFIX) :]: t for k, t in tensors.items() if k.startswith(VALUE_PREFIX)},
+            base_model_fingerprint=metadata["base_model_fingerprint"],
+            covariance_sha256=metadata["covariance_sha256"],
+            train_beta=metadata["train_beta"],
+            train_temperature=metadata["train_tau"],
+            beta=metadata["beta"],
+            temperature=metadata["tau"],
+            training=metadata["training"],
+        )
+
+
+@dataclass(frozen=True)
+class ConceptDims:
+    """The widths a concept must have to fit one pipeline."""
+
+    embed_dim: int  # text encoder input embedding width
+    text_dim: int  # text encoder output width
+    value_widths: dict[str, int]  # cross-attention layer path -> to_v.out_features
+
+
+MAX_WIDTH = 1 << 16  # no text encoder or attention layer is this wide; bounds what a header may claim
+MAX_LAYERS = 4096
+VECTOR_NAMES = ("token_embedding", "concept_input", "superclass_input")
+
+
+def check_concept_shapes(shapes: dict[str, tuple[int, ...]], dims: ConceptDims | None = None, source: str = "") -> None:
+    """The tensor names and shapes of a concept: from a file header or a ``Concept``, one rule for both."""
+    where = f"{source}: " if source else ""
+    missing = [name for name in VECTOR_NAMES if name not in shapes]
+    layers = {k[len(VALUE_PREFIX) :]: shape for k, shape in shapes.items() if k.startswith(VALUE_PREFIX)}
+    if missing or not layers:
+        raise KeylockedError(f"{where}not a complete keylocked concept (missing {missing or 'value targets'})")
+    unexpected = sorted(set(shapes) - set(VECTOR_NAMES) - {VALUE_PREFIX + k for k in layers})
+    if unexpected or len(layers) > MAX_LAYERS:
+        raise KeylockedError(f"{where}unexpected tensors in a concept file: {unexpected[:3] or len(layers)}")
+    for name, shape in shapes.items():
+        if len(shape) != 1 or not 1 <= shape[0] <= MAX_WIDTH:
+            raise KeylockedError(f"{where}{name} must be a vector of 1 to {MAX_WIDTH} numbers, got shape {shape}")
+    if shapes["concept_input"] != shapes["superclass_input"]:
+        raise KeylockedError(
+            f"{where}concept_input {shapes['concept_input']} and superclass_input "
+            f"{shapes['superclass_input']} must be vectors of the same size"
+        )
+    if dims is None:
+        return
+    if shapes["token_embedding"][0] != dims.embed_dim or shapes["concept_input"][0] != dims.text_dim:
+        raise KeylockedError(
+            f"{where}concept was trained on a text encoder of width {shapes['concept_input'][0]} "
+            f"(embedding {shapes['token_embedding'][0]}); this model's is {dims.text_dim} ({dims.embed_dim})"
+        )
+    if set(layers) != set(dims.value_widths):
+        missing_layers = sorted(set(dims.value_widths) - set(layers))[:3]
+        extra = sorted(set(layers) - set(dims.value_widths))[:3]
+        raise KeylockedError(
+            f"{where}concept's cross-attention layers do not match this UNet "
+            f"(missing {missing_layers}, unexpected {extra}); it was trained on another base model"
+        )
+    for name, width in dims.value_widths.items():
+        if layers[name][0] != width:
             raise KeylockedError(
-                f"{path}: not a complete keylocked concept (missing {sorted(missing) or 'value targets'})"
+                f"{where}value target of {name} has {layers[name][0]} features, "
+                f"the layer has {width}; the concept was trained on another base model"
             )
-        try:
-            return cls(
-                placeholder_token=metadata["placeholder_token"],
-                superclass_token=metadata["superclass_token"],
-                token_embedding=tensors["token_embedding"].float(),
-                concept_input=tensors["concept_input"].float(),
-                superclass_input=tensors["superclass_input"].float(),
-                value_targets=value_targets,
-                base_model_fingerprint=metadata.get("base_model_fingerprint", ""),
-                covariance_sha256=metadata.get("covariance_sha256", ""),
-                train_beta=float(metadata.get("train_beta", 0.75)),
-                train_temperature=float(metadata.get("train_tau", 0.1)),
-                beta=float(metadata.get("beta", 0.7)),
-                temperature=float(metadata.get("tau", 0.15)),
-                training=json.loads(metadata.get("training", "{}")),
-            )
-        except (KeyError, ValueError, json.JSONDecodeError) as error:
-            raise KeylockedError(f"{path}: malformed keylocked metadata ({error})") from error
+
+
+REQUIRED_METADATA = ("format", "format_version", "placeholder_token", "superclass_token")
+
+
+def parse_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> dict[str, Any]:
+    """The checked, typed metadata of a concept file; any bad value names the file and the key."""
+    if metadata.get("format") != FORMAT_NAME:
+        raise KeylockedError(f"{path}: not a keylocked concept file (format={metadata.get('format')!r})")
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise KeylockedError(f"{path}: concept metadata lacks the required key(s) {missing}")
+    check_format_version(f"{path}: format_version", metadata["format_version"], FORMAT_VERSION)
+    parsed: dict[str, Any] = {
+        "placeholder_token": check_token_text(metadata["placeholder_token"], f"{path}: placeholder_token"),
+        "superclass_token": check_token_text(metadata["superclass_token"], f"{path}: superclass_token"),
+        "base_model_fingerprint": metadata.get("base_model_fingerprint", ""),
+        "covariance_sha256": metadata.get("covariance_sha256", ""),
+    }
+    for key, check, default in (
+        ("train_beta", check_beta, 0.75),
+        ("train_tau", check_tau, 0.1),
+        ("beta", check_beta, 0.7),
+        ("tau", check_tau, 0.15),
+    ):
+        parsed[key] = check(metadata.get(key, default), f"{path}: {key}")
+    try:
+        training = json.loads(metadata.get("training", "{}"))
+    except (ValueError, RecursionError):
+        training = None
+    if not isinstance(training, dict):
+        raise KeylockedError(f"{path}: training must be a JSON object, got {metadata.get('training')!r:.80}")
+    parsed["training"] = training
+    return parsed
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The header metadata of a keylocked concept file, checked for format and version."""
-    metadata, _ = read_safetensors_header(path, "concept file")
-    if metadata.get("format") != FORMAT_NAME:
-        raise KeylockedError(f"{path}: not a keylocked concept file (format={metadata.get('format')!r})")
-    version = int(metadata.get("format_version", "0"))
-    if version > FORMAT_VERSION:
-        raise KeylockedError(
-            f"{path}: format version {version} is newer than this keylocked ({FORMAT_VERSION}); upgrade keylocked"
-        )
-    return metadata
+    """The header metadata of a keylocked concept file, checked (format, version, required keys, values)."""
+    header = read_safetensors_header(path, "concept file")
+    parse_metadata(path, header.metadata)
+    return header.metadata

@@ -17,16 +17,19 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .base_model import KeylockedError, text_encoder_fingerprint, tokenize
-from .io import atomic_path, read_safetensors_header
+from .io import read_safetensors_header, save_safetensors
 from .perfusion import SecondMomentAccumulator, invert_covariance
+from .validation import check_covariance_inverse, check_finite_tensor, check_float_dtype, check_format_version
 
 FORMAT_NAME = "keylocked.covariance"
 FORMAT_VERSION = 1
+TENSOR_NAME = "input_covariance_inv"
+MAX_DIM = 1 << 14  # wider than any text encoder; bounds what a header may make us allocate
 TOKEN_RULE = "attention-mask positions (start, words, end; no padding)"
 VOCAB_TEMPLATES = (
     "a photo of a {}",
@@ -51,7 +54,7 @@ class Covariance:
         return covariance_sha256(self.inverse)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
+        """Write atomically, with canonical bytes."""
         metadata = {
             **self.info,
             "format": FORMAT_NAME,
@@ -59,21 +62,31 @@ class Covariance:
             "text_encoder_fingerprint": self.text_encoder_fingerprint,
             "sha256": self.sha256,
         }
-        with atomic_path(path) as tmp:
-            save_file({"input_covariance_inv": self.inverse.contiguous()}, str(tmp), metadata=metadata)
-        return path
+        return save_safetensors({TENSOR_NAME: self.inverse.contiguous()}, path, metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Covariance:
-        metadata, dtypes = read_safetensors_header(path, "covariance file")
-        if metadata.get("format") != FORMAT_NAME or "input_covariance_inv" not in dtypes:
+    def load(cls, path: str | os.PathLike, dim: int | None = None) -> Covariance:
+        """Read a covariance file: header checked before the tensor is read (``dim`` when given),
+        then C⁻¹ checked to be finite, symmetric and positive definite."""
+        header = read_safetensors_header(path, "covariance file")
+        metadata = header.metadata
+        if metadata.get("format") != FORMAT_NAME or TENSOR_NAME not in header.tensors:
             raise KeylockedError(f"{path}: not a keylocked covariance file (format={metadata.get('format')!r})")
+        check_format_version(f"{path}: format_version", metadata.get("format_version"), FORMAT_VERSION)
+        if set(header.tensors) != {TENSOR_NAME}:
+            raise KeylockedError(f"{path}: unexpected tensors in a covariance file: {sorted(header.tensors)[:3]}")
+        info = header.tensors[TENSOR_NAME]
+        check_float_dtype(f"{path}: {TENSOR_NAME}", info.dtype)
+        shape = info.shape
+        if len(shape) != 2 or shape[0] != shape[1] or not 1 <= shape[0] <= MAX_DIM:
+            raise KeylockedError(f"{path}: covariance inverse must be square and at most {MAX_DIM} wide, got {shape}")
+        if dim is not None and shape[0] != dim:
+            raise KeylockedError(f"{path}: covariance is {shape[0]}-dimensional, the text encoder is {dim}")
         try:
-            inverse = load_file(str(path))["input_covariance_inv"].float()
+            inverse = load_file(str(path))[TENSOR_NAME].float()
         except (SafetensorError, OSError) as error:
             raise KeylockedError(f"{path}: cannot read tensors ({error})") from error
-        if inverse.dim() != 2 or inverse.shape[0] != inverse.shape[1]:
-            raise KeylockedError(f"{path}: covariance inverse must be square, got {tuple(inverse.shape)}")
+        check_covariance_inverse(f"{path}: {TENSOR_NAME}", inverse)
         info = {
             k: v
             for k, v in metadata.items()
@@ -150,7 +163,13 @@ def estimate_covariance(
         mask = tokens.attention_mask.to(text_encoder.device)
         encodings = text_encoder(input_ids, attention_mask=mask if use_mask else None)[0]  # (B, T, d)
         accumulator.update(encodings[mask.bool()])  # (N_real, d)
-    inverse, added_ridge, condition = invert_covariance(accumulator.second_moment(), ridge=ridge)
+    if accumulator.count == 0:
+        raise KeylockedError("the covariance corpus is empty: no text positions were encoded")
+    moment = check_finite_tensor("the text encoder's outputs (covariance)", accumulator.second_moment())
+    if not float(torch.diagonal(moment).sum()) > 0:
+        raise KeylockedError("the text encoder's outputs are all zero; cannot estimate a covariance")
+    inverse, added_ridge, condition = invert_covariance(moment, ridge=ridge)
+    check_covariance_inverse("the estimated covariance inverse", inverse.float())
     fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
     info = {
         "corpus": corpus_name,
@@ -204,8 +223,8 @@ def default_covariance(
     covariance = estimate_covariance(text_encoder, tokenizer, progress=progress)
     try:
         covariance.save(path)
-    except OSError:
-        pass  # a read-only cache is not an error
+    except (OSError, KeylockedError):
+        pass  # a read-only or full cache is not an error
     return covariance
 
 
@@ -219,12 +238,7 @@ def resolve_covariance(
     """The covariance at ``path`` (checked against the text encoder), or the default one."""
     if path is None:
         return default_covariance(text_encoder, tokenizer, progress=progress, model_dir=model_dir)
-    covariance = Covariance.load(path)
-    dim = int(text_encoder.config.hidden_size)
-    if covariance.inverse.shape[0] != dim:
-        raise KeylockedError(
-            f"{path}: covariance is {covariance.inverse.shape[0]}-dimensional, the text encoder is {dim}"
-        )
+    covariance = Covariance.load(path, dim=int(text_encoder.config.hidden_size))
     fingerprint = text_encoder_fingerprint(text_encoder, base_vocabulary_size(tokenizer))
     if covariance.text_encoder_fingerprint and covariance.text_encoder_fingerprint != fingerprint:
         raise KeylockedError(f"{path}: covariance was estimated for another text encoder")

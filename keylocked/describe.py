@@ -16,8 +16,9 @@ from .io import read_safetensors_header
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Label -> value for a concept or covariance file (values are str, int, float or dict)."""
     path = Path(path)
-    metadata, tensor_dtypes = read_safetensors_header(path)
-    dtypes = sorted(set(tensor_dtypes.values()))
+    header = read_safetensors_header(path)
+    metadata = header.metadata
+    dtypes = sorted(set(header.dtypes.values()))
     kind = metadata.get("format")
     common = {"file": str(path), "format": kind, "file size (bytes)": path.stat().st_size, "dtype": ", ".join(dtypes)}
     if kind == concept_format.FORMAT_NAME:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,7 @@ from .base_model import KeylockedError, tokenize
 from .concept import read_metadata
 from .io import atomic_path
 from .loading import load_concepts, unload_concepts
+from .validation import check_beta, check_non_negative, check_tau
 from .visual import image_grid
 
 logger = logging.getLogger(__name__)
@@ -46,23 +46,19 @@ class GenerateConfig:
             raise KeylockedError("give at least one concept file")
         if not self.prompt.strip():
             raise KeylockedError("prompt must not be empty")
-        self.beta = self._per_concept("beta", self.beta)
-        self.tau = self._per_concept("tau", self.tau)
-        for tau in self.tau if isinstance(self.tau, list) else [self.tau]:
-            if tau is not None and not tau > 0:
-                raise KeylockedError(f"tau must be positive, got {tau!r}")
+        self.beta = self._per_concept("beta", self.beta, check_beta)
+        self.tau = self._per_concept("tau", self.tau, check_tau)
         if self.lock not in ("local", "global"):
             raise KeylockedError(f"lock must be 'local' or 'global', got {self.lock!r}")
         for name in ("num_images", "num_inference_steps"):
             if getattr(self, name) < 1:
                 raise KeylockedError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise KeylockedError(f"guidance_scale must be a non-negative number, got {self.guidance_scale!r}")
+        self.guidance_scale = check_non_negative("guidance_scale", self.guidance_scale)
         if self.seed < 0:
             raise KeylockedError(f"seed must be non-negative, got {self.seed!r}")
 
-    def _per_concept(self, name: str, value: float | list[float] | None) -> float | list[float] | None:
-        """A list of one value is that value for all; otherwise one value per concept, all finite."""
+    def _per_concept(self, name: str, value: float | list[float] | None, check) -> float | list[float] | None:
+        """A list of one value is that value for all; otherwise one value per concept, each checked."""
         if isinstance(value, (list, tuple)):
             if len(value) == 1:
                 value = value[0]
@@ -72,13 +68,8 @@ class GenerateConfig:
                     "give one value for all or one per concept"
                 )
             else:
-                value = [float(v) for v in value]
-        if value is not None and not isinstance(value, list):
-            value = float(value)
-        for v in value if isinstance(value, list) else [value]:
-            if v is not None and not math.isfinite(v):
-                raise KeylockedError(f"{name} must be a finite number, got {v!r}")
-        return value
+                return [check(v, name) for v in value]
+        return None if value is None else check(value, name)
 
 
 def _by_token(value: float | list[float] | None, tokens: list[str]) -> float | dict[str, float] | None:

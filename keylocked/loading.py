@@ -14,10 +14,20 @@ import torch
 from torch import Tensor, nn
 
 from .base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, single_token_id
-from .concept import Concept
+from .concept import Concept, ConceptDims, check_concept_shapes
 from .covariance import Covariance, base_vocabulary_size, pipeline_folder, resolve_covariance
 from .layers import ConceptSlot, KeyLockedContext, KeyLockedLinear, Lock, WrappedLinear
+from .perfusion import concept_correlation
 from .tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
+from .validation import (
+    check_beta,
+    check_concept_inputs,
+    check_covariance_inverse,
+    check_finite_tensor,
+    check_nonzero_vector,
+    check_per_concept,
+    check_tau,
+)
 
 logger = logging.getLogger(__name__)
 PerConcept = float | Mapping[str, float] | None
@@ -85,37 +95,40 @@ def _installation(pipe) -> _Installation | None:
     return getattr(pipe.unet, "_keylocked_installation", None)
 
 
+def concept_dims(pipe) -> ConceptDims:
+    """The widths a concept needs to fit this pipeline (read from the modules, not their names)."""
+    return ConceptDims(
+        embed_dim=int(pipe.text_encoder.get_input_embeddings().weight.shape[1]),
+        text_dim=int(pipe.text_encoder.config.hidden_size),
+        value_widths={
+            name: int(getattr(layer.to_v, "base_layer", layer.to_v).out_features)
+            for name, layer in cross_attention_layers(pipe.unet).items()
+        },
+    )
+
+
 def check_concept_fits(concept: Concept, pipe, fingerprint: str | None, source: str = "") -> None:
     """Raise a clear error if ``concept`` was not made for this pipeline's base model."""
     where = f"{source}: " if source else ""
-    layers = cross_attention_layers(pipe.unet)
-    embed_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    text_dim = int(pipe.text_encoder.config.hidden_size)
-    if concept.token_embedding.shape[0] != embed_dim or concept.concept_input.shape[0] != text_dim:
-        raise KeylockedError(
-            f"{where}concept was trained on a text encoder of width {concept.concept_input.shape[0]} "
-            f"(embedding {concept.token_embedding.shape[0]}); this model's is {text_dim} ({embed_dim})"
-        )
-    if set(concept.value_targets) != set(layers):
-        missing = sorted(set(layers) - set(concept.value_targets))[:3]
-        extra = sorted(set(concept.value_targets) - set(layers))[:3]
-        raise KeylockedError(
-            f"{where}concept's cross-attention layers do not match this UNet "
-            f"(missing {missing}, unexpected {extra}); it was trained on another base model"
-        )
-    for name, layer in layers.items():
-        expected = getattr(layer.to_v, "base_layer", layer.to_v).out_features
-        if concept.value_targets[name].shape[0] != expected:
-            raise KeylockedError(
-                f"{where}value target of {name} has {concept.value_targets[name].shape[0]} features, "
-                f"the layer has {expected}; the concept was trained on another base model"
-            )
+    shapes = {name: tuple(t.shape) for name, t in concept.tensors().items()}
+    check_concept_shapes(shapes, concept_dims(pipe), source)
+    for name, tensor in concept.tensors().items():
+        check_finite_tensor(f"{where}{name}", tensor)
+    check_nonzero_vector(f"{where}concept_input (i*) of {concept.placeholder_token!r}", concept.concept_input)
     if fingerprint and concept.base_model_fingerprint and concept.base_model_fingerprint != fingerprint:
         raise KeylockedError(
             f"{where}concept was trained on another base model (fingerprint "
             f"{concept.base_model_fingerprint[:12]} != {fingerprint[:12]}); pass strict=False "
             "(--allow_other_base_model) to load it anyway"
         )
+
+
+def check_concepts_separable(concepts: list[Concept], covariance: Covariance) -> None:
+    """The Gram matrix of concepts that may be active together must be well-conditioned (no
+    singular solve at generation): refuse (nearly) identical or zero concept inputs, naming them."""
+    inputs = torch.stack([c.concept_input.double() for c in concepts])  # (n, d)
+    correlation = concept_correlation(inputs, covariance.inverse)  # (n, n)
+    check_concept_inputs([c.placeholder_token for c in concepts], correlation)
 
 
 def pipeline_fingerprint(pipe) -> str:
@@ -154,13 +167,14 @@ def load_concepts(
     if lock not in ("local", "global"):
         raise KeylockedError(f"lock must be 'local' or 'global', got {lock!r}")
     # -- validate everything first ---------------------------------------------------------
-    loaded: list[Concept] = []
-    for item in concepts:
-        concept = item if isinstance(item, Concept) else Concept.load(item)
-        loaded.append(concept)
+    dims = concept_dims(pipe)
+    loaded: list[Concept] = [item if isinstance(item, Concept) else Concept.load(item, dims) for item in concepts]
     if not loaded:
         raise KeylockedError("no concepts given")
     installation = _installation(pipe)
+    known = [c.placeholder_token for c in loaded] + list(installation.concepts if installation else ())
+    beta = check_per_concept("beta", beta, known, check_beta)
+    tau = check_per_concept("tau", tau, known, check_tau)
     tokens = [c.placeholder_token for c in loaded]
     duplicates = {t for t in tokens if tokens.count(t) > 1} | (
         set(tokens) & set(installation.concepts if installation else ())
@@ -182,6 +196,12 @@ def load_concepts(
         resolved = covariance
     else:
         resolved = resolve_covariance(pipe.text_encoder, pipe.tokenizer, covariance, model_dir=pipeline_folder(pipe))
+    if isinstance(covariance, Covariance):
+        if covariance.inverse.shape != (dims.text_dim, dims.text_dim):
+            shape = tuple(covariance.inverse.shape)
+            raise KeylockedError(f"covariance is {shape}, the text encoder is {dims.text_dim}-dimensional")
+        check_covariance_inverse("covariance inverse", covariance.inverse)
+    check_concepts_separable(list(installation.concepts.values() if installation else ()) + loaded, resolved)
     for concept in loaded:
         if concept.covariance_sha256 and concept.covariance_sha256 != resolved.sha256:
             logger.warning(
@@ -233,6 +253,8 @@ def set_concept_options(
     if installation is None:
         raise KeylockedError("no keylocked concepts are loaded in this pipeline")
     context = installation.context
+    beta = check_per_concept("beta", beta, list(context.concepts), check_beta)
+    tau = check_per_concept("tau", tau, list(context.concepts), check_tau)
     if lock is not None:
         if lock not in ("local", "global"):
             raise KeylockedError(f"lock must be 'local' or 'global', got {lock!r}")

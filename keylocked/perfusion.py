@@ -55,6 +55,13 @@ def concept_gram(concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor
     return i_star @ input_covariance_inv.to(dtype) @ i_star.T  # (n, n)
 
 
+def concept_correlation(concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor:
+    """G_ab / sqrt(G_aa G_bb): the scale-free Gram matrix, in float64 (NaN rows/columns for a zero i*)."""
+    gram = concept_gram(concept_inputs.double(), input_covariance_inv.double())  # (n, n)
+    scale = torch.diagonal(gram).sqrt()  # (n,)
+    return gram / (scale[:, None] * scale[None, :])  # (n, n)  unit diagonal
+
+
 def remove_concept_directions(encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor:
     """e⊥ = e − I a, with a = G⁻¹ Iᵀ C⁻¹ e the exact C⁻¹-orthogonal projection onto span{i*}.
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import unicodedata
 
 import torch
 from torch import Tensor, nn
 
 from .base_model import KeylockedError
+from .validation import check_token_text
 
 
 class TokenizerSnapshot:
@@ -37,13 +39,71 @@ class TokenizerSnapshot:
 
 
 def check_new_token(tokenizer, token: str) -> None:
+    """A placeholder must be a visible word that the tokenizer keeps as one new token and whose
+    adding changes the tokenization of no existing word.
+
+    Tokenizers normalise text (BERT lowercases, CLIP applies NFC and lowercases) and match added
+    tokens inside words, so ``Dog`` would replace every "dog" and ``sks`` would split "tasks".
+    Forms compared: the tokenizer's own normalisation and NFKC + casefold.
+    """
+    check_token_text(token)
     if token in tokenizer.get_vocab():
         raise KeylockedError(
             f"placeholder token {token!r} already exists in the tokenizer's vocabulary; "
             "choose a new word such as '<my-teddy>'"
         )
-    if not token or any(c.isspace() for c in token):
-        raise KeylockedError(f"placeholder token must be a single word without spaces, got {token!r}")
+    backend = getattr(tokenizer, "_tokenizer", None)
+    normalizer = getattr(backend, "normalizer", None)
+    forms = {_fold(token)} | ({normalizer.normalize_str(token)} if normalizer is not None else set())
+    words = _vocabulary_words(tokenizer)
+    folded = {_fold(word): word for word in sorted(words)}
+    for form in sorted(forms):
+        word = folded.get(form, form if form in words else None)
+        if word is not None:
+            raise KeylockedError(
+                f"placeholder token {token!r} already exists in the tokenizer's vocabulary as {word!r} "
+                "(the tokenizer ignores case or accents); choose a new word such as '<my-teddy>'"
+            )
+    for word in sorted(words):
+        if any(form in word for form in forms):
+            raise KeylockedError(
+                f"placeholder token {token!r} occurs inside the existing word {word!r} and would split it; "
+                "choose a new word such as '<my-teddy>'"
+            )
+    if hasattr(backend, "to_str"):
+        _check_kept_whole(backend, token)
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def _vocabulary_words(tokenizer) -> set[str]:
+    """The vocabulary's entries as text: without BPE end-of-word and WordPiece continuation marks."""
+    words = set()
+    for entry in tokenizer.get_vocab():
+        word = entry[: -len("</w>")] if entry.endswith("</w>") else entry
+        word = word[2:] if word.startswith("##") else word
+        if word:
+            words.add(word)
+    return words
+
+
+def _check_kept_whole(backend, token: str) -> None:
+    """Add the token to a copy of the Rust tokenizer, as ``add_tokens`` will, and encode it alone."""
+    from tokenizers import AddedToken, Tokenizer
+
+    trial = Tokenizer.from_str(backend.to_str())
+    trial.no_padding()
+    trial.no_truncation()
+    trial.add_tokens([AddedToken(token, normalized=True)])
+    new_id = trial.token_to_id(token)
+    ids = trial.encode(token, add_special_tokens=False).ids
+    if new_id is None or ids != [new_id]:
+        raise KeylockedError(
+            f"placeholder token {token!r} is not kept as one new token by this tokenizer "
+            f"(it becomes {trial.encode(token, add_special_tokens=False).tokens}); choose a plain word such as '<my-teddy>'"
+        )
 
 
 def add_tokens(tokenizer, text_encoder: nn.Module, embeddings: dict[str, Tensor]) -> dict[str, int]:

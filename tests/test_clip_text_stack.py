@@ -21,9 +21,15 @@ def test_clip_pipeline_train_load_generate_unload(tmp_path, instance_dir):
     ids = pipe.tokenizer("a <my-bear> on the table").input_ids
     assert len(ids) == 7 and ids[2] == len(pipe.tokenizer) - 1  # one new token, not split into pieces
     edited = generate(pipe, "a red <my-bear> on the table")
+    keylocked.set_concept_options(pipe, active=set())  # same tokens and embedding, no key-locked edit
+    unedited = generate(pipe, "a red <my-bear> on the table")
+    keylocked.set_concept_options(pipe, active={"<my-bear>"})
+    assert (generate(pipe, "a red <my-bear> on the table") == edited).all()  # deterministic: the edit is the change
     assert edited.shape == stock.shape
+    assert abs(edited - unedited).mean() > 1e-3  # the concept's edit changes the image
+    assert abs(edited - stock).mean() > 1e-3
     keylocked.unload_concepts(pipe)
-    assert (generate(pipe, "a red bear on the table") == stock).all()
+    assert (generate(pipe, "a red bear on the table") == stock).all()  # unload restores it bit-identically
 
 
 def test_clip_covariance_skips_eos_padding(tmp_path):

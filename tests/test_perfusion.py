@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from keylocked.perfusion import (
+    concept_correlation,
     concept_gate,
     concept_gram,
     concept_scores,
@@ -159,3 +160,16 @@ def test_second_moment_and_ridge():
     assert ridge == 1e-3 and torch.isfinite(inverse).all() and condition < 1e6
     with pytest.raises(ValueError):
         second_moment([])
+
+
+def test_concept_correlation_is_the_scale_free_gram_matrix(setup):
+    c_inv, _, g = setup
+    i_star = torch.randn(3, D, generator=g, dtype=torch.float64)
+    scaled = i_star * torch.tensor([[2.0], [1e-3], [50.0]], dtype=torch.float64)
+    correlation = concept_correlation(scaled, c_inv)
+    gram = concept_gram(i_star, c_inv)
+    expected = gram / torch.sqrt(torch.diagonal(gram)[:, None] * torch.diagonal(gram)[None, :])
+    assert torch.allclose(correlation, expected, atol=1e-12)
+    assert torch.allclose(torch.diagonal(correlation), torch.ones(3, dtype=torch.float64))
+    zero = concept_correlation(torch.cat([i_star[:1], torch.zeros(1, D, dtype=torch.float64)]), c_inv)
+    assert torch.isnan(zero[1]).all() and zero[0, 0] == pytest.approx(1.0)  # a zero i* shows as NaN

@@ -7,6 +7,8 @@ uninterrupted run would have drawn.
 from __future__ import annotations
 
 import os
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,29 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 MP: any real photo; a decompression bomb claims far more
+
+
+def read_image(path: Path) -> Image.Image:
+    """Decode one image file to RGB, refusing decompression bombs (over ``MAX_IMAGE_PIXELS``)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        # Pillow checks its module-wide limit while opening: warns above it, raises above twice it.
+        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as handle:
+                handle.load()
+                return to_rgb(handle)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise KeylockedError(f"image too large to decode safely (limit {MAX_IMAGE_PIXELS} pixels): {error}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as error:
+        # what Pillow's decoders raise on damaged or hostile files
+        raise KeylockedError(f"unreadable image ({error.__class__.__name__}: {error})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def load_instance_images(
     data_dir: str | os.PathLike, resolution: int, min_size: int | None = None
 ) -> list[Image.Image]:
@@ -86,11 +111,9 @@ def load_instance_images(
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         try:
-            with Image.open(path) as handle:
-                handle.load()
-                image = to_rgb(handle)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-            problems.append(f"{path.name}: unreadable image ({error.__class__.__name__}: {error})")
+            image = read_image(path)
+        except KeylockedError as error:
+            problems.append(f"{path.name}: {error}")
             continue
         if min(image.size) < min_size:
             problems.append(f"{path.name}: {image.size[0]}x{image.size[1]} is smaller than {min_size}px")
