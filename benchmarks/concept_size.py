@@ -9,6 +9,7 @@ no weights are allocated), fills a ``Concept`` with random tensors of the real s
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import tempfile
 from pathlib import Path
@@ -69,7 +70,8 @@ def sd15_concept(unet: UNet2DConditionModel) -> Concept:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     unet = sd15_unet_on_meta()
     concept = sd15_concept(unet)
     widths = [t.numel() for t in concept.value_targets.values()]

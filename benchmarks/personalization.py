@@ -37,8 +37,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from emoji_world.build_dataset import load_sprites  # noqa: E402
-from emoji_world.catalog import load_splits  # noqa: E402
+from emoji_world.build_dataset import build, load_sprites  # noqa: E402
+from emoji_world.catalog import APT_INSTALL_LINE, check_sources, load_splits  # noqa: E402
 from emoji_world.compose import Layout, Placed, augmented_view, render_layout, sample_layout  # noqa: E402
 from keylocked.evaluation import EvalConfig, EvalItem, evaluate, evaluate_pairs, separating_threshold, write_results  # noqa: E402
 from keylocked.evaluation.evaluate import summarize, summary_table  # noqa: E402
@@ -234,6 +234,21 @@ def presence_thresholds(
     return thresholds
 
 
+def ensure_sprites(data: Path) -> None:
+    """Render the emoji sprites into ``data`` on first use (seconds), so a fresh clone runs as written."""
+    if (data / "sprites.npz").exists():
+        return
+    try:
+        check_sources()
+    except FileNotFoundError:
+        raise SystemExit(
+            f"error: no emoji sprites in {data}, and their sources are not installed: run `{APT_INSTALL_LINE}`, "
+            f"then `python -m emoji_world.build_dataset --output {data}` (or rerun this benchmark)"
+        ) from None
+    print(f"rendering the emoji sprites into {data} (once; python -m emoji_world.build_dataset)", flush=True)
+    build(data)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -257,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    ensure_sprites(args.data)  # before the model loads: fail or build in seconds
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
@@ -281,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from keylocked.evaluation import CLIPEmbedder, EmojiEvaluator
     from keylocked.models import EMBEDDED_MODELS, load_pipeline
+    from keylocked.quiet import no_loading_bars
 
     started = time.time()
     pipe = load_pipeline(args.model, device=args.device)
@@ -296,11 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         log(
             f"WARNING: {args.model} is the untrained placeholder (export_info.json trained=false): numbers check the machinery only"
         )
-    embedder = (
-        CLIPEmbedder(args.evaluator[5:], device=args.device)
-        if args.evaluator and args.evaluator.startswith("clip:")
-        else EmojiEvaluator.load(args.evaluator, device=args.device)
-    )
+    with no_loading_bars():
+        embedder = (
+            CLIPEmbedder(args.evaluator[5:], device=args.device)
+            if args.evaluator and args.evaluator.startswith("clip:")
+            else EmojiEvaluator.load(args.evaluator, device=args.device)
+        )
 
     # -- the user's photos: augmented views of each held-out benchmark concept ----------------
     concepts = benchmark_concepts(args.data, settings.concepts)

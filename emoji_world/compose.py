@@ -12,22 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from keylocked.visual import EMOJI_COLOURS
+
 IMAGE_SIZE = 64
 MARGIN = 2
 
-# Named background colours (caption word -> RGB).  Single BERT tokens.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "white": (255, 255, 255),
-    "black": (0, 0, 0),
-    "gray": (128, 128, 128),
-    "red": (215, 35, 35),
-    "orange": (245, 135, 20),
-    "yellow": (250, 220, 40),
-    "green": (40, 165, 60),
-    "blue": (35, 75, 215),
-    "purple": (130, 50, 175),
-    "pink": (250, 145, 190),
-}
+# Named background colours (caption word -> RGB), single BERT tokens; the palette lives in
+# keylocked.visual so that the demo scores colours without importing emoji_world.
+COLOURS = EMOJI_COLOURS
 
 # Sprite side lengths (pixels) per size word; "" is the unmentioned medium size.
 SIZE_RANGES: dict[str, tuple[int, int]] = {"small": (18, 24), "": (32, 42), "large": (50, 58)}

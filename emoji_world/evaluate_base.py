@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from keylocked.visual import border_colour, nearest_colour
+
 from .compose import COLOURS, Layout, make_caption, render_layout, sample_layout
 
 GRID_PROMPTS = [
@@ -48,27 +50,6 @@ GRID_PROMPTS = [
     "a car on a red background",
     "a dog on a yellow background",
 ]
-
-
-def border_colour(image: np.ndarray, skip: int = 1, width: int = 4) -> np.ndarray:
-    """Median RGB of the border ring ``skip`` to ``skip + width`` pixels in from the edge.
-
-    The outermost pixel row is skipped (the small VAE draws a thin edge line there); medium and
-    large sprites never reach 5 pixels from the edge, so the ring is background in training data.
-    """
-    h, w = image.shape[:2]
-    depth = np.minimum.reduce(
-        np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        + np.meshgrid(np.arange(h)[::-1], np.arange(w)[::-1], indexing="ij")
-    )  # (H, W)
-    ring = image[(depth >= skip) & (depth < skip + width)]  # (P, 3)
-    return np.median(ring.astype(np.float32), axis=0)
-
-
-def nearest_colour(rgb: np.ndarray) -> str:
-    names = list(COLOURS)
-    dists = [np.linalg.norm(rgb - np.asarray(COLOURS[n], dtype=np.float32)) for n in names]
-    return names[int(np.argmin(dists))]
 
 
 def embed(image: np.ndarray, size: int = 16, threshold: float = 40.0) -> np.ndarray:

@@ -238,7 +238,8 @@ training data (backgrounds, sizes, placements, pairs) plus augmented single view
 noise. Never generated images; never the demo or benchmark concepts.
 Training: {info["steps"]} steps × batch {info["batch_size"]} in {info["minutes"]} min on {info["threads"]} CPU thread(s);
 bank of {info["bank_size"]} compositions ({info["captions"]} distinct captions), seed {info["seed"]}, final loss {info["final_loss"]}.
-Reproduce: `python -m emoji_world.train_evaluator --data data/emoji-world`.
+Reproduce: `python -m emoji_world.train_evaluator --data data/emoji-world` (first build the data:
+`python -m emoji_world.build_dataset --output data/emoji-world`).
 
 ## Zero-shot retrieval (fresh renders, never trained on)
 | test | top-1 | top-5 | chance top-1 |

@@ -2,8 +2,9 @@
 
 Verbs: covariance, train, generate, inspect, evaluate, demo. Flags are spelled as in diffusers'
 training scripts (``--pretrained_model_name_or_path``, ``--train_batch_size``); those of
-``train`` and ``generate`` are generated from the config dataclasses' fields, so they
-cannot drift from them.
+``train``, ``generate``, ``evaluate`` and ``demo`` are generated from their config dataclasses'
+fields, so they cannot drift from them. Every failure is one ``error:`` line and an
+:class:`ExitCode` (docs/cli.md); ``--debug`` adds the traceback.
 
 """
 
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import logging
 import os
 import sys
+import traceback
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,21 @@ from .demo import DemoConfig
 from .generate import GenerateConfig
 from .training.config import TrainConfig
 
-EXIT_USER_ERROR = 2
+
+class ExitCode(enum.IntEnum):
+    """What ``keylocked`` returns; documented in docs/cli.md (a test keeps the two in step)."""
+
+    OK = 0
+    INTERNAL_ERROR = 1  # a bug in keylocked or a library under it: the message says to rerun with --debug
+    USAGE_ERROR = 2  # bad flags, values or input files (argparse's own code for usage errors)
+    SYSTEM_ERROR = 3  # the operating system refused: disk full, permission denied, out of memory
+    BROKEN_PIPE = 141  # the reader of stdout went away (`keylocked inspect f | head`), as 128 + SIGPIPE
+    INTERRUPTED = 130  # Ctrl-C, as 128 + SIGINT
+
+
+EXIT_USER_ERROR = ExitCode.USAGE_ERROR
+# Errors of the user's own input files and folders (the rest of OSError is the system's).
+INPUT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 TRAIN_METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")  # keylocked.training.baselines.METHODS
 
 TRAIN_HELP = {
@@ -163,9 +181,10 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluation.__main__ import run
+    from .evaluation.__main__ import EvaluateInputs, run
+    from .evaluation.evaluate import EvalConfig
 
-    run(args)
+    run(dataclass_from_args(EvaluateInputs, args), dataclass_from_args(EvalConfig, args))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -177,11 +196,20 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"\nwrote {result.grid}\n      {result.report}\n      {result.concept}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``error:`` line (not the whole usage block) and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(ExitCode.USAGE_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+DEBUG_HELP = "on an error, print the full traceback (for bug reports)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="keylocked", description="Perfusion (key-locked rank-one editing) for diffusers pipelines."
-    )
+    parser = _Parser(prog="keylocked", description="Perfusion (key-locked rank-one editing) for diffusers pipelines.")
     parser.add_argument("--version", action="version", version=f"keylocked {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     covariance = verbs.add_parser("covariance", help="estimate a text encoder's input covariance C⁻¹ and save it")
@@ -226,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_library_parser(verbs)
     add_serve_parser(verbs)
+    for verb in verbs.choices.values():  # `keylocked train ... --debug` works too (SUPPRESS: keeps a global --debug)
+        verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -243,26 +273,59 @@ def _setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one ``warning:`` line, like keylocked's own (no source line, no path)."""
+    print(f"warning: {_one_line(Warning(str(message)))} ({category.__name__})", file=file or sys.stderr)
+
+
 def _one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines[:1] + ["; ".join(lines[1:])]).strip() if lines else type(error).__name__
 
 
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; every failure is one ``error:`` line on stderr and an :class:`ExitCode`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    _setup_logging()
     try:
-        return args.handler(args) or 0
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return ExitCode.INTERRUPTED
+    _setup_logging()
+    debug = getattr(args, "debug", False)
+    try:
+        with warnings.catch_warnings():  # restores the caller's warning display when main() returns
+            if not debug:
+                warnings.showwarning = _warning_line
+            return args.handler(args) or ExitCode.OK
     except BrokenPipeError:  # `keylocked inspect f | head`: stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (KeylockedError, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return ExitCode.BROKEN_PIPE
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        if debug:
+            traceback.print_exc()
+        _error("interrupted")
+        return ExitCode.INTERRUPTED
+    except (KeylockedError, *INPUT_OS_ERRORS) as error:
+        if debug:
+            traceback.print_exc()
+        _error(_one_line(error))
+        return ExitCode.USAGE_ERROR
+    except (OSError, MemoryError) as error:
+        if debug:
+            traceback.print_exc()
+        _error(_one_line(error))
+        return ExitCode.SYSTEM_ERROR
+    except Exception as error:  # a bug: one line for the user, the traceback on request
+        if debug:
+            traceback.print_exc()
+        message = f"{type(error).__name__}: {_one_line(error)}" if str(error).strip() else type(error).__name__
+        _error(f"internal error: {message}" + ("" if debug else " (rerun with --debug for the traceback)"))
+        return ExitCode.INTERNAL_ERROR
 
 
 if __name__ == "__main__":

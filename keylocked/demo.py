@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .base_model import KeylockedError
 from .io import atomic_path, atomic_write_text
 from .loading import load_concepts, set_concept_options, unload_concepts
-from .visual import image_grid
+from .visual import border_colour, image_grid, nearest_colour
 
 # The emoji-64 captions' own vocabulary: "a fox face on a blue background".
 DEMO_TEMPLATES = ("a {}", "a {} on a white background", "a large {}", "a {} in the center", "a small {}")
@@ -174,8 +174,6 @@ def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
     stages.update(1)
 
     # 3. numbers, grid and report
-    from emoji_world.evaluate_base import border_colour, nearest_colour
-
     references = [Image.open(path).convert("RGB") for path in images]
     colour_rows = [i for i, (label, _) in enumerate(rows) if label in config.colours]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from keylocked import __version__
-from keylocked.cli import add_dataclass_arguments, dataclass_from_args, main
+from keylocked.base_model import KeylockedError
+from keylocked.cli import ExitCode, add_dataclass_arguments, dataclass_from_args, main
 from keylocked.concept import Concept
 from keylocked.covariance import Covariance
 from keylocked.training import TrainConfig
@@ -582,3 +584,104 @@ def test_demo_flags_come_from_its_config(capsys):
     out = capsys.readouterr().out
     for flag in ("--concept", "--max_train_steps", "--betas", "--output_dir"):
         assert flag in out
+
+
+# ---------------------------------------------------------------------------------------
+# Every failure: one `error:` line and a documented exit code.
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_exit_codes_are_documented():
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    for code in ExitCode:
+        assert f"| {code.value} |" in text, f"docs/cli.md does not document exit code {code.value} ({code.name})"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train"], "the following arguments are required: --pretrained_model_name_or_path"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["generate", "--concept", "c", "--prompt", "p", "--pretrained_model_name_or_path", "m", "--beta", "x"], "x"),
+    ],
+)
+def test_usage_errors_are_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == ExitCode.USAGE_ERROR
+    line = one_error_line(capsys.readouterr().err)
+    assert needle in line and "--help" in line
+
+
+def _failing_describe(monkeypatch, error: BaseException) -> None:
+    def describe(path):
+        raise error
+
+    monkeypatch.setattr("keylocked.describe.describe", describe)
+
+
+@pytest.mark.parametrize(
+    "error, code, message",
+    [
+        (KeylockedError("bad concept\nsecond line"), ExitCode.USAGE_ERROR, "error: bad concept second line"),
+        (FileNotFoundError(2, "No such file", "x.safetensors"), ExitCode.USAGE_ERROR, "No such file"),
+        (OSError(28, "No space left on device"), ExitCode.SYSTEM_ERROR, "No space left on device"),
+        (PermissionError(13, "Permission denied"), ExitCode.SYSTEM_ERROR, "Permission denied"),
+        (KeyboardInterrupt(), ExitCode.INTERRUPTED, "error: interrupted"),
+        (
+            RuntimeError("singular matrix\nat layer 3"),
+            ExitCode.INTERNAL_ERROR,
+            "error: internal error: RuntimeError: singular matrix at layer 3 (rerun with --debug for the traceback)",
+        ),
+        (AssertionError(), ExitCode.INTERNAL_ERROR, "error: internal error: AssertionError (rerun with --debug"),
+    ],
+)
+def test_failures_are_one_line_with_their_exit_code(capsys, monkeypatch, error, code, message):
+    _failing_describe(monkeypatch, error)
+    returned, _, err = run(capsys, "inspect", "x.safetensors")
+    assert returned == code
+    assert message in one_error_line(err)
+
+
+@pytest.mark.parametrize("argv", [["--debug", "inspect", "x"], ["inspect", "x", "--debug"]])
+def test_debug_shows_the_traceback(capsys, monkeypatch, argv):
+    _failing_describe(monkeypatch, RuntimeError("boom"))
+    code, _, err = run(capsys, *argv)
+    assert code == ExitCode.INTERNAL_ERROR
+    assert "Traceback (most recent call last)" in err and "raise error" in err
+    assert err.strip().splitlines()[-1] == "error: internal error: RuntimeError: boom"
+
+
+def test_real_process_prints_one_line(tmp_path):
+    """As a user sees it, in a real process: one line, code 2, nothing on stdout (the other classes: above)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    missing = subprocess.run(
+        [sys.executable, "-m", "keylocked", "inspect", str(tmp_path / "missing.safetensors")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert missing.returncode == ExitCode.USAGE_ERROR and missing.stdout == ""
+    assert "missing.safetensors" in one_error_line(missing.stderr)
+
+
+def test_python_warnings_are_one_line(capsys, monkeypatch):
+    import warnings
+
+    def describe(path):
+        warnings.warn("something odd\nin two lines", UserWarning, stacklevel=1)
+        return {"format": "x"}
+
+    monkeypatch.setattr("keylocked.describe.describe", describe)
+    code, _, err = run(capsys, "inspect", "x", "--json")
+    assert code == ExitCode.OK
+    assert err.strip().splitlines() == ["warning: something odd in two lines (UserWarning)"]
+    assert warnings.showwarning.__name__ != "_warning_line"  # restored after main()

@@ -338,7 +338,7 @@ def test_evaluation_command_with_a_local_clip(perfusion_item, tiny_model_dir, tm
             "2",
             "--embedder",
             str(_tiny_clip(tmp_path / "clip")),
-            "--no_base",
+            "--no-stock_rows",
             "--output",
             str(tmp_path / "out"),
         ]
@@ -363,3 +363,29 @@ def test_evaluation_command_with_a_local_clip(perfusion_item, tiny_model_dir, tm
         )
         == 2
     )
+
+
+def test_evaluate_flags_are_the_dataclass_fields(tmp_path):
+    """`keylocked evaluate`'s flags are generated: one per EvaluateInputs/EvalConfig field, and nothing else."""
+    import argparse
+    import dataclasses
+
+    from keylocked.cli import build_parser, dataclass_from_args
+    from keylocked.evaluation.__main__ import EvaluateInputs
+
+    evaluate_parser = build_parser()._subparsers._group_actions[0].choices["evaluate"]
+    dests = {a.dest for a in evaluate_parser._actions if not isinstance(a, argparse._HelpAction)} - {"debug"}
+    fields = {f.name for cls in (EvaluateInputs, EvalConfig) for f in dataclasses.fields(cls)}
+    assert dests == fields
+    args = evaluate_parser.parse_args(
+        ["--pretrained_model_name_or_path", "m", "--concept", "a", "--references", "r", "--superclass", "dog"]
+        + ["--concept", "b", "--references", "s", "--superclass", "cat", "--prompt", "a {}", "--prompt", "the {}"]
+        + ["--locks", "local", "global", "--tau", "0.2", "--no-stock_rows", "--batch_size", "3"]
+    )
+    inputs, config = dataclass_from_args(EvaluateInputs, args), dataclass_from_args(EvalConfig, args)
+    assert inputs.concepts == ["a", "b"] and inputs.superclasses == ["dog", "cat"] and not inputs.stock_rows
+    assert config.prompts == ("a {}", "the {}") and config.locks == ("local", "global")
+    assert (config.tau, config.batch_size) == (0.2, 3)
+    assert config.betas == EvalConfig(prompts=("a {}",)).betas  # unset flags keep the dataclass's defaults
+    with pytest.raises(ValueError, match="one --references and one --superclass per --concept"):
+        EvaluateInputs("m", ("a", "b"), ("r",), ("dog",))

@@ -34,7 +34,8 @@ def free_port() -> int:
 
 def start_server(setup: Setup, port: int, log: Path, *flags: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "keylocked.cli", "serve", "--pretrained_model_name_or_path", str(setup.model_dir)]
-    command += ["--library", setup.location, "--host", "127.0.0.1", "--port", str(port), *flags]
+    command += ["--library", setup.location, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--work_dir", setup.config.work_dir, *flags]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KEYLOCKED_TEST_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
@@ -105,6 +106,7 @@ def test_real_server_survives_a_disconnect_and_a_kill_during_training(tmp_path, 
                 time.sleep(0.2)
         server.kill()  # SIGKILL: no shutdown code runs
         server.wait(30)
+        assert (Path(setup.config.work_dir) / job["id"] / "images").is_dir()  # left behind by the killed process
     finally:
         if server.poll() is None:
             server.kill()
@@ -112,6 +114,7 @@ def test_real_server_survives_a_disconnect_and_a_kill_during_training(tmp_path, 
     with TestClient(setup.app(replica_id="node-1")) as client:
         restarted = client.get(f"/v1/trainings/{job['id']}", headers=bearer(publisher)).json()
     assert restarted["status"] == "failed" and "restarted" in restarted["error"], restarted
+    assert not (Path(setup.config.work_dir) / job["id"]).exists()  # its working files are gone too
     assert "killed" not in [concept.name for concept in setup.library.list()]
     report = setup.library.verify()
     assert report.ok and not report.orphans

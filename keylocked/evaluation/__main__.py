@@ -1,6 +1,6 @@
-"""``python -m keylocked.evaluation``: score trained concepts of any method (the future ``keylocked evaluate``).
+"""``keylocked evaluate`` (also ``python -m keylocked.evaluation``): score trained concepts of any method.
 
-    python -m keylocked.evaluation --pretrained_model_name_or_path emoji-64 \\
+    keylocked evaluate --pretrained_model_name_or_path emoji-64 \\
         --concept runs/dog/concept.safetensors --references photos/dog --superclass dog \\
         --prompt "a {} on a blue background" --prompt "a {} and a red apple" --seeds 0 1 --betas 0.6 0.7 0.8 \\
         --embedder emoji --output eval-dog
@@ -8,95 +8,100 @@
 ``--concept`` is a Perfusion concept file/folder or a baseline's output folder; repeat
 ``--concept``/``--references``/``--superclass`` in the same order for several concepts.
 ``--embedder`` is ``emoji`` (the shipped emoji-world evaluator) or a local CLIP folder.
+The flags are generated from :class:`EvaluateInputs` and ``EvalConfig``, so they cannot drift.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..base_model import KeylockedError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m keylocked.evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return parser
+@dataclass
+class EvaluateInputs:
+    """What ``keylocked evaluate`` scores (the sweep itself is ``EvalConfig``)."""
+
+    pretrained_model_name_or_path: str
+    concepts: tuple[str, ...]
+    references: tuple[str, ...]
+    superclasses: tuple[str, ...]
+    covariance: str | None = None
+    embedder: str = "emoji"
+    stock_rows: bool = True
+    output: str = "keylocked-eval"
+
+    def __post_init__(self) -> None:
+        if not len(self.concepts) == len(self.references) == len(self.superclasses):
+            raise KeylockedError("give one --references and one --superclass per --concept, in the same order")
+
+
+def _repeated(flag: str, metavar: str, help: str) -> dict[str, Any]:
+    return dict(flags=[flag], action="append", nargs=None, metavar=metavar, help=f"{help} (repeat)")
+
+
+FLAGS: dict[str, dict[str, Any]] = {
+    "concepts": _repeated("--concept", "PATH", "a concept file or a baseline's output folder"),
+    "references": _repeated("--references", "DIR", "folder of the concept's training images, same order"),
+    "superclasses": _repeated("--superclass", "WORD", "the concept's super-category word, same order"),
+    "prompts": _repeated("--prompt", "TEMPLATE", "prompt template with {} for the concept"),
+    "embedder": dict(help="'emoji' (the shipped emoji-world evaluator) or a local CLIP folder (default: emoji)"),
+    "stock_rows": dict(help="also score the stock model prompted with the super-category word (default: yes)"),
+    "locks": dict(choices=["local", "global"], help="key locking modes to sweep (default: local)"),
+    "global_betas": dict(help="beta values for the global lock (default: --betas)"),
+    "tau": dict(help="gate temperature (default: each concept's recommendation)"),
+    "images_dir": dict(help="save every generated image in this folder"),
+    "covariance": dict(help="covariance file from `keylocked covariance` (default: the cached one)"),
+    "output": dict(help="folder for rows, summary and the Pareto plot (default: keylocked-eval)"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``keylocked evaluate`` (also ``python -m keylocked.evaluation``)."""
-    parser.add_argument("--pretrained_model_name_or_path", required=True)
-    parser.add_argument("--concept", action="append", required=True, help="concept file or baseline folder (repeat)")
-    parser.add_argument(
-        "--references", action="append", required=True, help="folder of the concept's training images (repeat)"
-    )
-    parser.add_argument("--superclass", action="append", required=True, help="super-category word (repeat)")
-    parser.add_argument(
-        "--prompt", action="append", required=True, help="prompt template with {} for the concept (repeat)"
-    )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--betas", nargs="+", type=float, default=[0.6, 0.7, 0.8])
-    parser.add_argument("--locks", nargs="+", default=["local"], choices=["local", "global"])
-    parser.add_argument("--global_betas", nargs="+", type=float, default=None)
-    parser.add_argument("--lora_scales", nargs="+", type=float, default=[1.0])
-    parser.add_argument("--num_inference_steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--covariance", default=None)
-    parser.add_argument("--embedder", default="emoji", help="'emoji' or a local CLIP folder")
-    parser.add_argument("--no_base", action="store_true", help="skip the stock-model reference rows")
-    parser.add_argument("--save_images", action="store_true")
-    parser.add_argument("--output", type=Path, default=Path("keylocked-eval"))
+    """The flags of ``keylocked evaluate``: one per field of EvaluateInputs and EvalConfig."""
+    from ..cli import add_dataclass_arguments
+    from .evaluate import EvalConfig
+
+    add_dataclass_arguments(parser, EvaluateInputs, overrides=FLAGS)
+    add_dataclass_arguments(parser, EvalConfig, overrides=FLAGS)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (KeylockedError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m keylocked.evaluation ...`` is ``keylocked evaluate ...``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
-def run(args: argparse.Namespace) -> None:
-    """Evaluate the concepts named in ``args``; writes rows, summary and the Pareto plot."""
+def run(inputs: EvaluateInputs, config) -> None:
+    """Evaluate the concepts of ``inputs`` over ``config``'s sweep; writes rows, summary and the Pareto plot."""
     from ..models import load_pipeline
+    from ..quiet import no_loading_bars
     from ..training.baselines import Personalization
     from ..training.data import load_instance_images
     from .embedders import CLIPEmbedder, EmojiEvaluator
-    from .evaluate import EvalConfig, EvalItem, evaluate
+    from .evaluate import EvalItem, evaluate
 
-    if not len(args.concept) == len(args.references) == len(args.superclass):
-        raise KeylockedError("give one --references and one --superclass per --concept, in the same order")
-    config = EvalConfig(
-        prompts=tuple(args.prompt),
-        seeds=tuple(args.seeds),
-        betas=tuple(args.betas),
-        locks=tuple(args.locks),
-        global_betas=tuple(args.global_betas) if args.global_betas else None,
-        lora_scales=tuple(args.lora_scales),
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        images_dir=str(args.output / "images") if args.save_images else None,
-    )
-    items = [Personalization.from_path(path) for path in args.concept]  # validate before loading models
-    pipe = load_pipeline(args.pretrained_model_name_or_path)
-    embedder = EmojiEvaluator.load() if args.embedder == "emoji" else CLIPEmbedder(args.embedder)
+    items = [Personalization.from_path(path) for path in inputs.concepts]  # validate before loading models
+    pipe = load_pipeline(inputs.pretrained_model_name_or_path)
+    with no_loading_bars():
+        embedder = EmojiEvaluator.load() if inputs.embedder == "emoji" else CLIPEmbedder(inputs.embedder)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
     resolution = scale * int(pipe.unet.config.sample_size)
     entries = []
-    for item, references, superclass in zip(items, args.references, args.superclass):
+    for item, references, superclass in zip(items, inputs.references, inputs.superclasses):
         images = load_instance_images(references, resolution)
         name = Path(references).name
-        if not args.no_base:
+        if inputs.stock_rows:
             entries.append(EvalItem(name, superclass, images))
         entries.append(EvalItem(name, superclass, images, item))
-    evaluate(pipe, entries, embedder, config, output_dir=args.output, covariance=args.covariance)
-    print(f"wrote {args.output}/rows.csv, summary.md, pareto.png")
+    output = Path(inputs.output)
+    evaluate(pipe, entries, embedder, config, output_dir=output, covariance=inputs.covariance)
+    print(f"wrote {output}/rows.csv, summary.md, pareto.png")
 
 
 if __name__ == "__main__":

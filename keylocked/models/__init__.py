@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..base_model import KeylockedError
+from ..quiet import LOADING_LOGS, no_loading_bars, quiet
 
 _HERE = Path(__file__).resolve().parent
 
@@ -72,12 +73,17 @@ def load_pipeline(name_or_path: str | Path = "emoji-64", torch_dtype=None, devic
 
     ``torch_dtype`` defaults to float32 (the shipped weights are fp16 on disk).
     """
+    folder = resolve_model(name_or_path)
+    with quiet(LOADING_LOGS), no_loading_bars():
+        return _load_pipeline(folder, str(name_or_path) in EMBEDDED_MODELS, torch_dtype, device)
+
+
+def _load_pipeline(folder: Path, embedded: bool, torch_dtype, device):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    folder = resolve_model(name_or_path)
     dtype = torch.float32 if torch_dtype is None else torch_dtype
-    if str(name_or_path) in EMBEDDED_MODELS or _needs_packaged_text_encoder(folder):
+    if embedded or _needs_packaged_text_encoder(folder):
         from transformers import BertModel, BertTokenizer
 
         te_dir = text_encoder_dir()

@@ -116,18 +116,21 @@ class TrainingJobs:
 
     # -- state ------------------------------------------------------------------------------
     def _fail_unfinished(self) -> int:
-        """Jobs this replica had accepted and not finished died with its previous process."""
+        """Jobs this replica had accepted and not finished died with its previous process: mark them
+        failed and remove their working files."""
+        unfinished = (trainings.c.replica == self.replica) & trainings.c.status.not_in(TERMINAL)
         with self.engine.begin() as connection:
-            result = connection.execute(
+            ids = connection.execute(sa.select(trainings.c.id).where(unfinished)).scalars().all()
+            connection.execute(
                 trainings.update()
-                .where(trainings.c.replica == self.replica, trainings.c.status.not_in(TERMINAL))
+                .where(unfinished)
                 .values(status="failed", error=RESTART_ERROR.format(replica=self.replica), updated_at=_now())
             )
-        if result.rowcount:
-            logger.warning(
-                "marked %d unfinished training job(s) of replica %s as failed", result.rowcount, self.replica
-            )
-        return result.rowcount
+        for job_id in ids:
+            shutil.rmtree(self.work_dir / job_id, ignore_errors=True)
+        if ids:
+            logger.warning("marked %d unfinished training job(s) of replica %s as failed", len(ids), self.replica)
+        return len(ids)
 
     def _update(self, job_id: str, **values: Any) -> None:
         with self.engine.begin() as connection:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, encode_prompts, single_token_id
 from ..io import atomic_path, atomic_write_text
 from ..layers import WrappedLinear
+from ..quiet import LORA_LOGS, LORA_WARNINGS, TEXTUAL_INVERSION_LOGS, quiet
 from ..tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prompts_for, step_generator
@@ -438,7 +439,8 @@ def load_personalizations(
         loaded.snapshot = TokenizerSnapshot(pipe.tokenizer)
         try:
             for item in items:
-                pipe.load_textual_inversion(str(item.weights_path), token=item.placeholder_token)
+                with quiet(TEXTUAL_INVERSION_LOGS):  # the new rows are overwritten by the file's embedding
+                    pipe.load_textual_inversion(str(item.weights_path), token=item.placeholder_token)
         except ValueError as error:
             restore_vocabulary(pipe.tokenizer, pipe.text_encoder, loaded.snapshot)
             raise KeylockedError(f"cannot load textual inversion: {error}") from error
@@ -460,7 +462,8 @@ def load_personalizations(
     else:
         for index, item in enumerate(items):
             name = f"keylocked_{index}"
-            pipe.load_lora_weights(str(item.path), weight_name=item.manifest["weights"], adapter_name=name)
+            with quiet(LORA_LOGS, LORA_WARNINGS):  # UNet-only files, several adapters: both intended
+                pipe.load_lora_weights(str(item.path), weight_name=item.manifest["weights"], adapter_name=name)
             loaded.adapters.append(name)
         pipe.set_adapters(loaded.adapters, adapter_weights=[lora_scale] * len(items))
     pipe._keylocked_personalizations = loaded

@@ -28,6 +28,7 @@ from ..covariance import pipeline_folder, resolve_covariance
 from ..io import atomic_path, atomic_write_text
 from ..layers import ConceptSlot
 from ..loading import install_keylocked_layers, uninstall_keylocked_layers, value_layers
+from ..quiet import LOADING_LOGS, quiet
 from ..tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prompts_for, sample_batch, step_generator
@@ -71,9 +72,10 @@ def freeze_and_place(pipe, device: torch.device, mixed_precision: str) -> torch.
             module.requires_grad_(False)
             module.eval()
     pipe.text_encoder.to(device)
-    pipe.unet.to(device, weight_dtype)
-    if pipe.vae is not None:
-        pipe.vae.to(device, weight_dtype)
+    with quiet(LOADING_LOGS):  # diffusers' "modules that should be kept in float32: []" note
+        pipe.unet.to(device, weight_dtype)
+        if pipe.vae is not None:
+            pipe.vae.to(device, weight_dtype)
     return weight_dtype
 
 
