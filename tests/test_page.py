@@ -238,6 +238,18 @@ def test_a_key_without_a_grant_sees_no_concept(page, setup):
     assert page.query_selector_all("#concept-picker option[value]:not([value=''])") == []
 
 
+def test_a_key_of_several_projects_names_one(page, setup):
+    key = setup.new_key("agency", ["use"], ["acme", "solo"])
+    sign_in(page, key)
+    text = message(page)
+    assert text.startswith("Please check what you entered") and "name the project" in text, text
+    assert page.is_visible("#sign-in")
+    page.fill("#project", "acme")
+    signed_in(page, key)
+    assert page.inner_text("#who").endswith("project acme")
+    assert page.query_selector("#concept-picker option[value=alpha]")
+
+
 def test_refusals_are_readable_messages(page, setup):
     # 401: an unknown key never gets past the sign-in form.
     sign_in(page, "kl_000000000000_not-a-real-secret")

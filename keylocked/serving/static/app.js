@@ -824,6 +824,9 @@ function wire() {
   $("#new-seed").addEventListener("click", () => {
     $("#seed").value = String(Math.floor(Math.random() * 2 ** 31));
   });
+  $("#prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("#generate-form").requestSubmit();
+  });
   $("#generate-form").addEventListener("submit", (event) => {
     event.preventDefault();
     run({ keep: true });
