@@ -83,6 +83,8 @@ def main() -> None:
                 desktop.click("#tabs button[data-tab=concepts]")
                 desktop.wait_for_selector(".concept .thumb img", timeout=300_000)
                 desktop.screenshot(path=OUT / "concepts-1280x800.png")
+                desktop.click("#tabs button[data-tab=audit]")  # refused: the designer's key is not admin
+                desktop.wait_for_selector("#audit-rows[hidden]", state="attached")
 
                 phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
                 generate(phone, url, keys["designer"])
