@@ -3,6 +3,7 @@ against the real app under uvicorn on a loopback port (tiny pipeline, temporary 
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import socket
@@ -294,11 +295,18 @@ def test_train_shows_progress_and_previews_the_result(page, setup):
     assert text.startswith("Please check what you entered") and "broken.png" in text, text
 
     page.click("#picked button")  # remove the broken file
-    files = [
-        {"name": f"{i}.png", "mimeType": "image/png", "buffer": png_bytes(colour=(200, 40 + 60 * i, 40))}
-        for i in range(2)
-    ]
-    page.set_input_files("#files", files)
+    # Two photos dragged from the desktop onto the drop zone.
+    photos = [base64.b64encode(png_bytes(colour=(200, 40 + 60 * i, 40))).decode() for i in range(2)]
+    dropped = page.evaluate_handle(
+        """(photos) => {
+            const transfer = new DataTransfer();
+            photos.forEach((b64, i) => transfer.items.add(
+                new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], `${i}.png`, {type: "image/png"})));
+            return transfer;
+        }""",
+        photos,
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
     assert len(page.query_selector_all("#picked img")) == 2
     page.click("#train-button")
     job = page.wait_for_selector("#jobs .job")
