@@ -31,12 +31,15 @@ from ..covariance import Covariance, pipeline_folder, resolve_covariance
 from ..layers import ConceptSlot
 from ..loading import (
     check_concept_fits,
+    check_concepts_separable,
+    concept_dims,
     install_keylocked_layers,
     pipeline_fingerprint,
     uninstall_keylocked_layers,
     value_layers,
 )
 from ..tokens import TokenizerSnapshot, add_tokens, restore_vocabulary
+from ..validation import check_covariance_inverse
 
 SLOT_PREFIX = "<keylocked-slot-"
 _SLOT_PATTERN = re.compile(re.escape(SLOT_PREFIX), re.IGNORECASE)
@@ -122,6 +125,11 @@ class ConceptPool:
             self.covariance = resolve_covariance(
                 pipe.text_encoder, pipe.tokenizer, covariance, model_dir=pipeline_folder(pipe)
             )
+        self.dims = concept_dims(pipe)
+        if self.covariance.inverse.shape != (self.dims.text_dim, self.dims.text_dim):
+            shape = tuple(self.covariance.inverse.shape)
+            raise KeylockedError(f"covariance is {shape}, the text encoder is {self.dims.text_dim}-dimensional")
+        check_covariance_inverse("covariance inverse", self.covariance.inverse)
         self._snapshot = TokenizerSnapshot(pipe.tokenizer)
         embed_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
         self.slots = [f"{SLOT_PREFIX}{i}>" for i in range(max_resident)]
@@ -149,7 +157,7 @@ class ConceptPool:
             entry = self.cache.get(key)
         if entry is not None:
             return entry
-        concept = Concept.load(source)
+        concept = Concept.load(source, self.dims)
         check_concept_fits(concept, self.pipe, self.fingerprint, source=str(source))
         if concept.covariance_sha256 and concept.covariance_sha256 != self.covariance.sha256:
             raise KeylockedError(
@@ -166,6 +174,12 @@ class ConceptPool:
         return entry
 
     # -- per request ---------------------------------------------------------------------------
+    def check_together(self, entries: Iterable[CachedConcept]) -> None:
+        """Concepts one row uses together must be separable (a well-conditioned Gram matrix)."""
+        concepts = [entry.concept for entry in entries]
+        if len(concepts) > 1:
+            check_concepts_separable(concepts, self.covariance)
+
     def make_resident(self, entries: Iterable[CachedConcept]) -> dict[str, str]:
         """Concept key -> slot token for ``entries``, all resident together (least recently used
         other concepts are evicted). Small tensor copies per concept not yet resident."""
