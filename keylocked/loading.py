@@ -153,17 +153,29 @@ def load_concepts(
     lock: Lock = "local",
     covariance: str | os.PathLike | Covariance | None = None,
     strict: bool = True,
+    project: str | None = None,
+    api_key: str | None = None,
 ) -> list[str]:
     """Load concept files into a Stable Diffusion-style pipeline; returns their tokens.
 
     ``beta``/``tau`` are a float for all concepts, a {token: value} mapping, or None for
     each concept's recommended values. Lower beta = stronger concept; higher = closer to the
     prompt. ``lock`` is "local" (default) or "global". Call ``unload_concepts`` to restore
-    the stock pipeline.
+    the stock pipeline. A concept may also be a library reference (``acme-mug``, ``acme-mug@3``),
+    checked for ``project`` with ``api_key`` (default ``$KEYLOCKED_API_KEY``).
     """
     if isinstance(concepts, (str, os.PathLike, Concept)):
         concepts = [concepts]
     concepts = list(concepts)
+    from .library.resolve import looks_like_reference, resolve_concept_sources
+
+    if any(
+        looks_like_reference(c) for c in concepts
+    ):  # `acme-mug[@3]`: key, grant, base model, audit (docs/library.md)
+        fingerprint = pipeline_fingerprint(pipe) if strict else None
+        concepts, _ = resolve_concept_sources(
+            concepts, project=project, api_key=api_key, base_model_fingerprint=fingerprint
+        )
     if lock not in ("local", "global"):
         raise KeylockedError(f"lock must be 'local' or 'global', got {lock!r}")
     # -- validate everything first ---------------------------------------------------------
