@@ -46,7 +46,7 @@ class ExitCode(enum.IntEnum):
 EXIT_USER_ERROR = ExitCode.USAGE_ERROR
 # Errors of the user's own input files and folders (the rest of OSError is the system's).
 INPUT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
-TRAIN_METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")  # keylocked.training.baselines.METHODS
+TRAIN_METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")  # keylocked.training.METHODS
 
 TRAIN_HELP = {
     "instance_data_dir": "folder of images of the concept (or one image file)",
@@ -55,6 +55,7 @@ TRAIN_HELP = {
     "resolution": "training image size (default: the model's native size)",
     "mask": "loss mask: 'attention' (the UNet's own map of the concept), 'none', or a folder of mask images",
     "resume_from_checkpoint": "a checkpoint folder or 'latest'",
+    "overwrite": "replace another run's outputs and checkpoints in --output_dir (removed first)",
     "covariance": "covariance file from `keylocked covariance` (default: the cached vocabulary covariance)",
     "inference_beta": "recommended inference beta written into the concept file",
     "inference_tau": "recommended inference tau written into the concept file",
@@ -161,7 +162,7 @@ def _covariance(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .training.baselines import train
+    from .training import train
 
     if args.register:
         _check_register(args)
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="perfusion",
         choices=TRAIN_METHODS,
-        help="perfusion (default) or a baseline in the same data pipeline (keylocked.training.baselines)",
+        help="perfusion (default) or a baseline in the same data pipeline (keylocked.training.methods)",
     )
     train.add_argument(
         "--register", metavar="NAME", help="add the result to the concept library as a new draft version"

@@ -88,8 +88,8 @@ def run(inputs: EvaluateInputs, config, api_key: str | None = None) -> None:
     from ..library.resolve import looks_like_reference, resolve_concept_sources
     from ..loading import pipeline_fingerprint
     from ..models import load_pipeline
+    from ..personalizations import Personalization
     from ..quiet import no_loading_bars
-    from ..training.baselines import Personalization
     from ..training.data import load_instance_images
     from .embedders import CLIPEmbedder, EmojiEvaluator
     from .evaluate import EvalItem, evaluate
