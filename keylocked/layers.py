@@ -84,6 +84,24 @@ class KeyLockedContext:
             self.active.add(token)
         self.touch()
 
+    @torch.no_grad()
+    def overwrite_concept(
+        self,
+        token: str,
+        concept_input: Tensor,
+        superclass_input: Tensor,
+        beta: float,
+        tau: float,
+        value_targets_by_layer: Mapping[str, Tensor],
+    ) -> None:
+        """Refill a loaded concept in place (same parameters, new values): the serving pool's fast switch."""
+        if token not in self.concepts:
+            raise KeylockedError(f"concept token {token!r} is not loaded")
+        self.concepts[token] = ConceptSlot(concept_input, superclass_input, float(beta), float(tau))
+        for name, layer in self.value_layers.items():
+            layer.value_targets[token].copy_(value_targets_by_layer[name])
+        self.touch()
+
     def remove_concept(self, token: str) -> None:
         """Remove one concept from every layer (the others stay as they are)."""
         if token not in self.concepts:

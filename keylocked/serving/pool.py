@@ -23,12 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..base_model import KeylockedError, single_token_id
 from ..concept import Concept
 from ..covariance import Covariance, pipeline_folder, resolve_covariance
-from ..layers import ConceptSlot
 from ..loading import (
     check_concept_fits,
     check_concepts_separable,
@@ -138,11 +136,20 @@ class ConceptPool:
         device, dtype = pipe.unet.device, pipe.unet.dtype
         self.context.input_covariance_inv = self.context.input_covariance_inv.to(device)
         self._value_layers = value_layers(pipe.unet)  # cross-attention layer path -> wrapped to_v
-        for layer in self._value_layers.values():  # one buffer per slot and layer, overwritten in place
-            for slot in self.slots:
-                layer.value_targets[slot] = nn.Parameter(
-                    torch.zeros(layer.out_features, device=device, dtype=dtype), requires_grad=False
-                )
+        text_dim = self.context.input_covariance_inv.shape[0]
+        for slot in self.slots:  # one buffer per slot and layer, refilled in place by _install
+            self.context.add_concept(
+                slot,
+                torch.zeros(text_dim, device=device),
+                torch.zeros(text_dim, device=device),
+                beta=0.0,
+                tau=1.0,
+                value_targets_by_layer={
+                    name: torch.zeros(layer.out_features, device=device, dtype=dtype)
+                    for name, layer in self._value_layers.items()
+                },
+                active=False,
+            )
         self.resident: OrderedDict[str, str] = OrderedDict()  # concept key -> slot, least recent first
         self.superclass_ids: dict[str, int] = {}  # slot -> super-category token id (global lock)
         self._hook = pipe.text_encoder.register_forward_hook(self._twin_hook, with_kwargs=True)
@@ -215,14 +222,14 @@ class ConceptPool:
         device = next(iter(self._value_layers.values())).base_layer.weight.device
         table = self.pipe.text_encoder.get_input_embeddings().weight
         table[self.slot_ids[slot]] = concept.token_embedding.to(table.device, table.dtype)
-        self.context.concepts[slot] = ConceptSlot(
-            concept_input=concept.concept_input.to(device, torch.float32),
-            superclass_input=concept.superclass_input.to(device, torch.float32),
+        self.context.overwrite_concept(
+            slot,
+            concept.concept_input.to(device, torch.float32),
+            concept.superclass_input.to(device, torch.float32),
             beta=concept.beta,
-            temperature=concept.temperature,
+            tau=concept.temperature,
+            value_targets_by_layer=concept.value_targets,
         )
-        for name, layer in self._value_layers.items():
-            layer.value_targets[slot].copy_(concept.value_targets[name])
         self.superclass_ids[slot] = entry.superclass_id
         self.resident[entry.key] = slot
         self.switches += 1
