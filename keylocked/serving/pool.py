@@ -34,7 +34,6 @@ from ..loading import (
     install_keylocked_layers,
     pipeline_fingerprint,
     uninstall_keylocked_layers,
-    value_layers,
 )
 from ..tokens import TokenizerSnapshot, add_tokens, restore_vocabulary
 from ..validation import check_covariance_inverse
@@ -135,7 +134,7 @@ class ConceptPool:
         self.context = install_keylocked_layers(pipe.unet, self.covariance.inverse)
         device, dtype = pipe.unet.device, pipe.unet.dtype
         self.context.input_covariance_inv = self.context.input_covariance_inv.to(device)
-        self._value_layers = value_layers(pipe.unet)  # cross-attention layer path -> wrapped to_v
+        self._value_layers = dict(self.context.value_layers)  # cross-attention layer path -> wrapped to_v
         text_dim = self.context.input_covariance_inv.shape[0]
         for slot in self.slots:  # one buffer per slot and layer, refilled in place by _install
             self.context.add_concept(
