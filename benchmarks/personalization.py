@@ -43,8 +43,12 @@ from emoji_world.compose import Layout, Placed, augmented_view, render_layout, s
 from keylocked.evaluation import EvalConfig, EvalItem, evaluate, evaluate_pairs, separating_threshold, write_results  # noqa: E402
 from keylocked.evaluation.evaluate import summarize, summary_table  # noqa: E402
 from keylocked.evaluation.metrics import image_alignment  # noqa: E402
-from keylocked.training import TrainConfig  # noqa: E402
-from keylocked.training.baselines import METHODS, BaselineOptions, Personalization, train  # noqa: E402
+from keylocked.personalizations import METHODS, Personalization  # noqa: E402
+from keylocked.training import (  # noqa: E402
+    BaselineOptions,
+    TrainConfig,  # noqa: E402
+    train,
+)
 
 PROMPTS = (
     "a {}",

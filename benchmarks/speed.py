@@ -303,8 +303,7 @@ def _instance_images(folder: Path, size: int) -> Path:
 
 def worker(args) -> dict:
     """One measurement in this (fresh) process: --worker METHOD|plain, --train_steps S."""
-    from keylocked.training import TrainConfig
-    from keylocked.training.baselines import train
+    from keylocked.training import TrainConfig, train
 
     torch.set_num_threads(args.threads)
     pipe = build(args)

@@ -46,7 +46,7 @@ class ExitCode(enum.IntEnum):
 EXIT_USER_ERROR = ExitCode.USAGE_ERROR
 # Errors of the user's own input files and folders (the rest of OSError is the system's).
 INPUT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
-TRAIN_METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")  # keylocked.training.baselines.METHODS
+TRAIN_METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")  # keylocked.training.METHODS
 
 TRAIN_HELP = {
     "instance_data_dir": "folder of images of the concept (or one image file)",
@@ -55,6 +55,7 @@ TRAIN_HELP = {
     "resolution": "training image size (default: the model's native size)",
     "mask": "loss mask: 'attention' (the UNet's own map of the concept), 'none', or a folder of mask images",
     "resume_from_checkpoint": "a checkpoint folder or 'latest'",
+    "overwrite": "replace another run's outputs and checkpoints in --output_dir (removed first)",
     "covariance": "covariance file from `keylocked covariance` (default: the cached vocabulary covariance)",
     "inference_beta": "recommended inference beta written into the concept file",
     "inference_tau": "recommended inference tau written into the concept file",
@@ -161,15 +162,34 @@ def _covariance(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .training.baselines import train
+    from .training import train
 
-    print(train(dataclass_from_args(TrainConfig, args), method=args.method))
+    if args.register:
+        _check_register(args)
+    path = train(dataclass_from_args(TrainConfig, args), method=args.method)
+    print(path)
+    if args.register:
+        from .library.resolve import register_version
+
+        version = register_version(path, args.register, project=args.project, api_key=args.api_key)
+        print(f"registered {version.reference} ({version.status})")
+
+
+def _check_register(args: argparse.Namespace) -> None:
+    """Before hours of training: the library exists and the name is usable."""
+    from .library import Library, parse_reference
+
+    if args.method != "perfusion":
+        raise KeylockedError("--register takes Perfusion concepts only (--method perfusion)")
+    if parse_reference(args.register)[1] is not None:
+        raise KeylockedError(f"--register takes a concept name without @VERSION, got {args.register!r}")
+    Library.open().close()
 
 
 def _generate(args: argparse.Namespace) -> None:
     from .generate import generate
 
-    for path in generate(dataclass_from_args(GenerateConfig, args)):
+    for path in generate(dataclass_from_args(GenerateConfig, args), api_key=args.api_key):
         print(path)
 
 
@@ -184,7 +204,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation.__main__ import EvaluateInputs, run
     from .evaluation.evaluate import EvalConfig
 
-    run(dataclass_from_args(EvaluateInputs, args), dataclass_from_args(EvalConfig, args))
+    run(dataclass_from_args(EvaluateInputs, args), dataclass_from_args(EvalConfig, args), api_key=args.api_key)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -194,6 +214,11 @@ def _demo(args: argparse.Namespace) -> None:
     for key, value in result.numbers.items():
         print(f"{key:<40} {value}")
     print(f"\nwrote {result.grid}\n      {result.report}\n      {result.concept}")
+
+
+def _add_library_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--project", help="concept library project (docs/library.md)")
+    parser.add_argument("--api_key", help="concept library key (default $KEYLOCKED_API_KEY; none: the local owner)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -226,12 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="perfusion",
         choices=TRAIN_METHODS,
-        help="perfusion (default) or a baseline in the same data pipeline (keylocked.training.baselines)",
+        help="perfusion (default) or a baseline in the same data pipeline (keylocked.training.methods)",
     )
+    train.add_argument(
+        "--register", metavar="NAME", help="add the result to the concept library as a new draft version"
+    )
+    _add_library_flags(train)
     train.set_defaults(handler=_train)
 
     generate = verbs.add_parser("generate", help="generate images with one or more concepts")
     add_dataclass_arguments(generate, GenerateConfig, overrides=GENERATE_FLAGS)
+    generate.add_argument(
+        "--api_key", help="concept library key for NAME[@VERSION] concepts (default $KEYLOCKED_API_KEY)"
+    )
     generate.set_defaults(handler=_generate)
 
     inspect = verbs.add_parser("inspect", help="show what a concept or covariance file holds")
@@ -252,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .library.cli import add_library_parser
     from .serving.cli import add_serve_parser
 
-    add_library_parser(verbs)
+    add_library_parser(verbs, debug_help=DEBUG_HELP)
     add_serve_parser(verbs)
     for verb in verbs.choices.values():  # `keylocked train ... --debug` works too (SUPPRESS: keeps a global --debug)
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

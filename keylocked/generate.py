@@ -14,7 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 from .base_model import KeylockedError, tokenize
 from .concept import read_metadata
 from .io import atomic_path
-from .loading import load_concepts, unload_concepts
+from .loading import load_concepts, pipeline_fingerprint, unload_concepts
 from .validation import check_beta, check_non_negative, check_tau
 from .visual import image_grid
 
@@ -39,6 +39,7 @@ class GenerateConfig:
     covariance: str | None = None  # None: the cached default covariance of the text encoder
     allow_other_base_model: bool = False
     progress: bool = True
+    project: str | None = None  # for library references (docs/library.md)
 
     def __post_init__(self) -> None:
         self.concepts = [str(c) for c in ([self.concepts] if isinstance(self.concepts, str) else self.concepts)]
@@ -77,13 +78,18 @@ def _by_token(value: float | list[float] | None, tokens: list[str]) -> float | d
 
 
 @torch.no_grad()
-def generate(config: GenerateConfig, pipe=None) -> list[Path]:
+def generate(config: GenerateConfig, pipe=None, api_key: str | None = None) -> list[Path]:
     """Generate ``num_images`` images and a grid; returns their paths (the grid last).
 
     ``pipe`` may be given to reuse a loaded pipeline; its concepts are unloaded afterwards.
+    Library references among ``config.concepts`` are resolved with ``api_key`` (default ``$KEYLOCKED_API_KEY``).
     """
+    from .library.resolve import looks_like_reference, provenance, record_generation, resolve_concept_sources
+
     # -- check the cheap inputs before loading a model -----------------------------------------
-    tokens = [read_metadata(path)["placeholder_token"] for path in config.concepts]
+    for path in config.concepts:
+        if not looks_like_reference(path):
+            read_metadata(path)
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise KeylockedError(f"output_dir {output_dir} exists and is not a folder")
@@ -94,10 +100,15 @@ def generate(config: GenerateConfig, pipe=None) -> list[Path]:
         if torch.cuda.is_available():
             pipe.to("cuda")
     pipe.set_progress_bar_config(disable=not config.progress)
+    fingerprint = None if config.allow_other_base_model else pipeline_fingerprint(pipe)
+    sources, resolved = resolve_concept_sources(
+        config.concepts, project=config.project, api_key=api_key, base_model_fingerprint=fingerprint
+    )
+    tokens = [read_metadata(path)["placeholder_token"] for path in sources]
 
     load_concepts(
         pipe,
-        config.concepts,
+        sources,
         beta=_by_token(config.beta, tokens),
         tau=_by_token(config.tau, tokens),
         lock=config.lock,
@@ -119,12 +130,13 @@ def generate(config: GenerateConfig, pipe=None) -> list[Path]:
         unload_concepts(pipe)
 
     # -- write: every file whole or not at all --------------------------------------------------
-    settings = {**asdict(config), "concept_tokens": tokens}
+    settings = {**asdict(config), "concept_tokens": tokens, **({"library": provenance(resolved)} if resolved else {})}
     paths = []
     for index, image in enumerate(images):
         info = PngInfo()
         info.add_text("keylocked", json.dumps({**settings, "seed": config.seed + index}, sort_keys=True))
         paths.append(_save_png(image, output_dir / f"seed-{config.seed + index}.png", info))
+    record_generation(resolved, config.prompt, paths, project=config.project, api_key=api_key)
     grid = image_grid(images, columns=min(4, len(images)))
     paths.append(_save_png(grid, output_dir / GRID_FILENAME))
     return paths

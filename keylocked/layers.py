@@ -8,6 +8,7 @@ are active) lives in one ``KeyLockedContext``; what is per layer (value targets)
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,7 +36,11 @@ class ConceptSlot:
 
 @dataclass
 class KeyLockedContext:
-    """What every wrapped projection of one UNet shares."""
+    """What every wrapped projection of one UNet shares; the only writer of concept state.
+
+    Loading and training change concepts through ``add_concept``/``remove_concept``/``set_options``
+    only, so per-layer value targets, the slots and the active set never disagree.
+    """
 
     input_covariance_inv: Tensor  # (d, d) float32
     concepts: dict[str, ConceptSlot] = field(default_factory=dict)
@@ -47,6 +52,86 @@ class KeyLockedContext:
     global_key_pairs: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     revision: int = 0  # bumped on every change, invalidates the per-prompt caches
     row_plan: RowPlan | None = None  # per-row concept sets for the current call (keylocked.rows)
+    # layer path -> wrapped to_v, registered by install_keylocked_layers
+    value_layers: dict[str, KeyLockedLinear] = field(default_factory=dict)
+
+    def add_concept(
+        self,
+        token: str,
+        concept_input: Tensor,
+        superclass_input: Tensor,
+        beta: float,
+        tau: float,
+        value_targets_by_layer: Mapping[str, Tensor],
+        active: bool = True,
+    ) -> None:
+        """Add one concept to every wrapped layer; tensors that are ``nn.Parameter`` stay trainable (shared)."""
+        if token in self.concepts:
+            raise KeylockedError(f"concept token {token!r} is already loaded")
+        if set(value_targets_by_layer) != set(self.value_layers):
+            missing = sorted(set(self.value_layers) - set(value_targets_by_layer))[:3]
+            extra = sorted(set(value_targets_by_layer) - set(self.value_layers))[:3]
+            raise KeylockedError(
+                f"{token}: value targets do not match the wrapped layers (missing {missing}, extra {extra})"
+            )
+        for name, layer in self.value_layers.items():
+            target = value_targets_by_layer[name]
+            if not isinstance(target, nn.Parameter):
+                target = nn.Parameter(target, requires_grad=False)
+            layer.value_targets[token] = target
+        self.concepts[token] = ConceptSlot(concept_input, superclass_input, float(beta), float(tau))
+        if active:
+            self.active.add(token)
+        self.touch()
+
+    @torch.no_grad()
+    def overwrite_concept(
+        self,
+        token: str,
+        concept_input: Tensor,
+        superclass_input: Tensor,
+        beta: float,
+        tau: float,
+        value_targets_by_layer: Mapping[str, Tensor],
+    ) -> None:
+        """Refill a loaded concept in place (same parameters, new values): the serving pool's fast switch."""
+        if token not in self.concepts:
+            raise KeylockedError(f"concept token {token!r} is not loaded")
+        self.concepts[token] = ConceptSlot(concept_input, superclass_input, float(beta), float(tau))
+        for name, layer in self.value_layers.items():
+            layer.value_targets[token].copy_(value_targets_by_layer[name])
+        self.touch()
+
+    def remove_concept(self, token: str) -> None:
+        """Remove one concept from every layer (the others stay as they are)."""
+        if token not in self.concepts:
+            raise KeylockedError(f"concept token {token!r} is not loaded")
+        for layer in self.value_layers.values():
+            del layer.value_targets[token]
+        del self.concepts[token]
+        self.active.discard(token)
+        self.touch()
+
+    def set_options(
+        self,
+        beta: Mapping[str, float] | None = None,
+        tau: Mapping[str, float] | None = None,
+        lock: Lock | None = None,
+        active: Iterable[str] | None = None,
+    ) -> None:
+        """Change per-concept β/τ ({token: value}), the lock mode or the active set (callers validate)."""
+        unknown = sorted((set(beta or ()) | set(tau or ()) | set(active or ())) - set(self.concepts))
+        if unknown:
+            raise KeylockedError(f"unknown concept token(s) {unknown}; loaded: {sorted(self.concepts)}")
+        for token, value in (beta or {}).items():
+            self.concepts[token].beta = float(value)
+        for token, value in (tau or {}).items():
+            self.concepts[token].temperature = float(value)
+        if lock is not None:
+            self.lock = lock
+        if active is not None:
+            self.active = set(active)
+        self.touch()
 
     def active_names(self) -> list[str]:
         return [name for name in self.concepts if name in self.active]
@@ -106,6 +191,19 @@ class WrappedLinear(nn.Module):
         return self.base_layer.bias
 
 
+def effective_linear(projection: nn.Module, inputs: Tensor) -> Tensor:
+    """W_eff x without bias: the weight the projection really applies, incl. any wrapper's delta (a LoRA).
+
+    The locked key o*_K = W_K i*_super must come from the effective weight, else a LoRA under the
+    concept would be left out of the key. inputs (n, d) -> (n, out).
+    """
+    weight = projection.weight
+    inputs = inputs.to(weight.device, weight.dtype)
+    if type(projection) is nn.Linear:
+        return F.linear(inputs, weight)
+    return projection(inputs) - projection(torch.zeros_like(inputs[:1]))  # affine map minus its offset
+
+
 class KeyLockedLinear(WrappedLinear):
     """``to_k`` or ``to_v`` of a cross-attention layer, edited for the active concepts.
 
@@ -127,8 +225,7 @@ class KeyLockedLinear(WrappedLinear):
         if self.role == "value":
             return torch.stack([self.value_targets[name] for name in names])
         superclass_inputs = torch.stack([self.context.concepts[name].superclass_input for name in names])  # (n, d)
-        weight = self.base_layer.weight
-        return F.linear(superclass_inputs.to(weight.device, weight.dtype), weight)  # (n, out)
+        return effective_linear(self.base_layer, superclass_inputs)  # (n, out)
 
     def forward(self, encodings: Tensor) -> Tensor:
         context = self.context

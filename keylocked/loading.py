@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .base_model import KeylockedError, base_model_fingerprint, cross_attention_layers, single_token_id
 from .concept import Concept, ConceptDims, check_concept_shapes
 from .covariance import Covariance, base_vocabulary_size, pipeline_folder, resolve_covariance
-from .layers import ConceptSlot, KeyLockedContext, KeyLockedLinear, Lock, WrappedLinear
+from .layers import KeyLockedContext, KeyLockedLinear, Lock, WrappedLinear
 from .perfusion import concept_correlation
 from .tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
 from .validation import (
@@ -38,15 +38,25 @@ PerConcept = float | Mapping[str, float] | None
 
 
 def install_keylocked_layers(unet: nn.Module, input_covariance_inv: Tensor) -> KeyLockedContext:
-    """Wrap every cross-attention ``to_k``/``to_v`` in a ``KeyLockedLinear`` sharing one context."""
+    """Wrap every cross-attention ``to_k``/``to_v`` in a ``KeyLockedLinear`` sharing one context.
+
+    Over an existing installation this stacks: the existing context is returned (concepts are then
+    added to it), provided it uses the same C⁻¹; a different one is refused, never replaced.
+    """
     existing = getattr(unet, "_keylocked_context", None)
     if existing is not None:
+        current = existing.input_covariance_inv
+        if not torch.equal(current.cpu(), input_covariance_inv.detach().float().cpu()):
+            raise KeylockedError(
+                "concepts are already loaded with another covariance; unload_concepts() first, or use theirs"
+            )
         return existing
     layers = cross_attention_layers(unet)
     context = KeyLockedContext(input_covariance_inv=input_covariance_inv.detach().float())
-    for layer in layers.values():
+    for name, layer in layers.items():
         layer.to_k = KeyLockedLinear(layer.to_k, "key", context)
         layer.to_v = KeyLockedLinear(layer.to_v, "value", context)
+        context.value_layers[name] = layer.to_v
     unet._keylocked_context = context
     return context
 
@@ -65,15 +75,6 @@ def uninstall_keylocked_layers(unet: nn.Module) -> None:
     unwrap_projections(unet, KeyLockedLinear)
     if hasattr(unet, "_keylocked_context"):
         del unet._keylocked_context
-
-
-def value_layers(unet: nn.Module) -> dict[str, KeyLockedLinear]:
-    """Layer path -> the wrapped ``to_v`` of each cross-attention layer."""
-    return {
-        name: layer.to_v
-        for name, layer in cross_attention_layers(unet).items()
-        if isinstance(layer.to_v, KeyLockedLinear)
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,17 +154,29 @@ def load_concepts(
     lock: Lock = "local",
     covariance: str | os.PathLike | Covariance | None = None,
     strict: bool = True,
+    project: str | None = None,
+    api_key: str | None = None,
 ) -> list[str]:
     """Load concept files into a Stable Diffusion-style pipeline; returns their tokens.
 
     ``beta``/``tau`` are a float for all concepts, a {token: value} mapping, or None for
     each concept's recommended values. Lower beta = stronger concept; higher = closer to the
     prompt. ``lock`` is "local" (default) or "global". Call ``unload_concepts`` to restore
-    the stock pipeline.
+    the stock pipeline. A concept may also be a library reference (``acme-mug``, ``acme-mug@3``),
+    checked for ``project`` with ``api_key`` (default ``$KEYLOCKED_API_KEY``).
     """
     if isinstance(concepts, (str, os.PathLike, Concept)):
         concepts = [concepts]
     concepts = list(concepts)
+    from .library.resolve import looks_like_reference, resolve_concept_sources
+
+    if any(
+        looks_like_reference(c) for c in concepts
+    ):  # `acme-mug[@3]`: key, grant, base model, audit (docs/library.md)
+        fingerprint = pipeline_fingerprint(pipe) if strict else None
+        concepts, _ = resolve_concept_sources(
+            concepts, project=project, api_key=api_key, base_model_fingerprint=fingerprint
+        )
     if lock not in ("local", "global"):
         raise KeylockedError(f"lock must be 'local' or 'global', got {lock!r}")
     # -- validate everything first ---------------------------------------------------------
@@ -225,23 +238,18 @@ def load_concepts(
     device, dtype = pipe.unet.device, pipe.unet.dtype
     context = installation.context
     context.input_covariance_inv = context.input_covariance_inv.to(device)
-    layers = value_layers(pipe.unet)
     for concept in loaded:
         token = concept.placeholder_token
         installation.concepts[token] = concept
-        context.concepts[token] = ConceptSlot(
-            concept_input=concept.concept_input.to(device, torch.float32),
-            superclass_input=concept.superclass_input.to(device, torch.float32),
+        context.add_concept(
+            token,
+            concept.concept_input.to(device, torch.float32),
+            concept.superclass_input.to(device, torch.float32),
             beta=_per_concept(beta, token, concept.beta),
-            temperature=_per_concept(tau, token, concept.temperature),
+            tau=_per_concept(tau, token, concept.temperature),
+            value_targets_by_layer={name: t.to(device, dtype) for name, t in concept.value_targets.items()},
         )
-        for name, layer in layers.items():
-            layer.value_targets[token] = nn.Parameter(
-                concept.value_targets[name].to(device, dtype), requires_grad=False
-            )
-        context.active.add(token)
-    context.lock = lock
-    context.touch()
+    context.set_options(lock=lock)
     return tokens
 
 
@@ -255,20 +263,19 @@ def set_concept_options(
     context = installation.context
     beta = check_per_concept("beta", beta, list(context.concepts), check_beta)
     tau = check_per_concept("tau", tau, list(context.concepts), check_tau)
-    if lock is not None:
-        if lock not in ("local", "global"):
-            raise KeylockedError(f"lock must be 'local' or 'global', got {lock!r}")
-        context.lock = lock
+    if lock is not None and lock not in ("local", "global"):
+        raise KeylockedError(f"lock must be 'local' or 'global', got {lock!r}")
     if active is not None:
         active = set(active)
         unknown = active - set(context.concepts)
         if unknown:
             raise KeylockedError(f"unknown concept token(s) {sorted(unknown)}; loaded: {sorted(context.concepts)}")
-        context.active = active
-    for token, slot in context.concepts.items():
-        slot.beta = _per_concept(beta, token, slot.beta)
-        slot.temperature = _per_concept(tau, token, slot.temperature)
-    context.touch()
+    context.set_options(
+        beta={token: _per_concept(beta, token, slot.beta) for token, slot in context.concepts.items()},
+        tau={token: _per_concept(tau, token, slot.temperature) for token, slot in context.concepts.items()},
+        lock=lock,
+        active=active,
+    )
 
 
 def loaded_concepts(pipe) -> dict[str, Concept]:

@@ -44,6 +44,15 @@ def check_non_negative(name: str, value: object) -> float:
     return number
 
 
+def check_integer(name: str, value: object, minimum: int | None = None) -> int:
+    """An integer (bools and floats refused), at least ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KeylockedError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise KeylockedError(f"{name} must be at least {minimum}, got {value!r}")
+    return value
+
+
 def check_beta(value: object, name: str = "beta") -> float:
     """The gate bias β: any finite number (lower = stronger concept)."""
     return check_finite(name, value)

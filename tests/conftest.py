@@ -102,6 +102,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KEYLOCKED_CACHE", str(tmp_path_factory.getbasetemp() / "keylocked-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Training scripts call torch.set_num_threads in-process; keep that from leaking into later tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_instance_images(folder: Path, count: int = 3, size: int = 24) -> Path:
     """Small coloured squares on white: a stand-in for a user's product photos."""
     folder.mkdir(parents=True, exist_ok=True)

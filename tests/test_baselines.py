@@ -12,18 +12,17 @@ from safetensors.torch import load_file
 from test_keylocking import config, generate
 
 from keylocked.base_model import KeylockedError, cross_attention_layers
-from keylocked.training.baselines import (
+from keylocked.personalizations import (
     CD_FILENAME,
     LORA_FILENAME,
     MANIFEST_FILENAME,
     TI_FILENAME,
-    BaselineOptions,
     DeltaLinear,
     Personalization,
     load_personalizations,
-    train,
     unload_personalizations,
 )
+from keylocked.training import BaselineOptions, train
 
 
 @pytest.fixture(scope="module")

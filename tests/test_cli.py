@@ -244,6 +244,7 @@ def test_train_writes_concept_checkpoints_and_validation(concept_a, covariance_r
     out = concept_a.parent
     assert files_under(out) == sorted(
         [
+            ".keylocked.lock",  # the run's flock file, kept (deleting it would race a second run)
             "concept.safetensors",
             "validation/step-2.png",
             "validation/step-3.png",

@@ -30,8 +30,8 @@ from keylocked.evaluation import (
 )
 from keylocked.evaluation.embedders import ImageTower
 from keylocked.evaluation.metrics import cosine_matrix, present
-from keylocked.training import TrainConfig
-from keylocked.training.baselines import Personalization, train
+from keylocked.personalizations import Personalization
+from keylocked.training import TrainConfig, train
 
 SQRT_HALF = math.sqrt(0.5)
 

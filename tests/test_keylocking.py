@@ -11,11 +11,11 @@ import keylocked
 from keylocked.base_model import cross_attention_layers, encode_prompts
 from keylocked.concept import Concept
 from keylocked.covariance import estimate_covariance
-from keylocked.layers import ConceptSlot, KeyLockedLinear
+from keylocked.layers import KeyLockedLinear
 from keylocked.loading import install_keylocked_layers, uninstall_keylocked_layers
 from keylocked.perfusion import concept_gate
 from keylocked.training import TrainConfig, train_concept
-from keylocked.training.trainer import ConceptParameters
+from keylocked.training.methods import ConceptParameters
 
 
 def config(instance_dir, output_dir, **overrides) -> TrainConfig:
@@ -66,18 +66,17 @@ def test_concept_token_key_is_gated_superclass_key(tiny_pipe):
     d = tiny_pipe.text_encoder.config.hidden_size
     context = install_keylocked_layers(tiny_pipe.unet, torch.eye(d))
     i_star, i_super = torch.randn(d), torch.randn(d)
-    context.concepts["<c>"] = ConceptSlot(i_star, i_super, beta=0.75, temperature=0.1)
-    context.active = {"<c>"}
+    targets = {name: torch.randn(layer.out_features) for name, layer in context.value_layers.items()}
+    context.add_concept("<c>", i_star, i_super, beta=0.75, tau=0.1, value_targets_by_layer=targets)
     layer = next(iter(cross_attention_layers(tiny_pipe.unet).values()))
     assert isinstance(layer.to_k, KeyLockedLinear)
-    layer.to_v.value_targets["<c>"] = torch.nn.Parameter(torch.randn(layer.to_v.out_features))
     with torch.no_grad():
         key = layer.to_k(i_star[None, None])  # (1, 1, out)
     gate = concept_gate(torch.tensor(1.0), 0.75, 0.1)
     expected = gate * (layer.to_k.base_layer.weight @ i_super)
     assert torch.allclose(key[0, 0], expected, atol=1e-5)
     # and with no active concept the wrapper is the stock projection
-    context.active = set()
+    context.set_options(active=())
     e = torch.randn(2, 5, d)
     assert torch.equal(layer.to_k(e), layer.to_k.base_layer(e))
     uninstall_keylocked_layers(tiny_pipe.unet)
@@ -96,10 +95,9 @@ def test_only_embedding_and_value_targets_receive_gradients(tiny_pipe):
     params = ConceptParameters(
         embedding.weight[super_id], torch.randn(d), {n: torch.randn(layer.out_features) for n, layer in layers.items()}
     )
-    context.concepts["<c>"] = ConceptSlot(params.concept_input, params.superclass_input, 0.75, 0.1)
-    context.active = {"<c>"}
-    for name, layer in layers.items():
-        layer.value_targets["<c>"] = params.value_target(name)
+    context.add_concept(
+        "<c>", params.concept_input, params.superclass_input, 0.75, 0.1, {n: params.value_target(n) for n in layers}
+    )
     hook = embedding.register_forward_hook(
         lambda m, i, o: torch.where((i[0] == super_id).unsqueeze(-1), params.token_embedding, o)
     )
@@ -161,10 +159,34 @@ def test_resume_reproduces_an_uninterrupted_run(instance_dir, tmp_path):
     assert Concept.load(resumed).training["steps"] == 4
 
 
-def test_v_prediction_model_trains(tmp_path, instance_dir):
+def test_v_prediction_model_trains_against_the_velocity(tmp_path, instance_dir, monkeypatch):
+    """A v-prediction model's loss is the MSE against get_velocity(x0, ε, t), not against ε."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from keylocked.training import trainer
+    from keylocked.training.data import images_to_tensor, load_instance_images
+
     pipe = build_tiny_pipeline(prediction_type="v_prediction")
-    path = train_concept(config(instance_dir, tmp_path / "v", max_train_steps=1, mask="none"), pipe=pipe)
+    seen = []
+    original = trainer.masked_mse
+    monkeypatch.setattr(trainer, "masked_mse", lambda p, t, m: seen.append((p.detach(), t, m)) or original(p, t, m))
+    cfg = config(instance_dir, tmp_path / "v", max_train_steps=1, mask="none")
+    path = train_concept(cfg, pipe=pipe)
     assert Concept.load(path).training["mask"] == "none"
+    prediction, target, mask = seen[0]
+    assert mask is None
+    # the same micro-batch drawn for an epsilon model: its target is the noise ε itself
+    epsilon = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    instance = images_to_tensor(load_instance_images(cfg.instance_data_dir, trainer._resolution(cfg, pipe)))
+    latents, _, timesteps, noise, _, _ = trainer.noised_batch(
+        cfg, instance, trainer.step_generator_for(cfg, 0, 0), pipe.vae, epsilon, torch.device("cpu"), torch.float32
+    )
+    velocity = epsilon.get_velocity(latents, noise, timesteps)
+    assert torch.allclose(target, velocity, atol=1e-6)
+    loss = original(prediction, target, None)
+    assert torch.allclose(loss, F.mse_loss(prediction, velocity), atol=1e-6)
+    assert not torch.allclose(loss, F.mse_loss(prediction, noise), rtol=1e-3)
 
 
 def test_load_generate_unload_is_bit_identical(trained, tiny_pipe):

@@ -35,6 +35,7 @@ class EvaluateInputs:
     embedder: str = "emoji"
     stock_rows: bool = True
     output: str = "keylocked-eval"
+    project: str | None = None  # for library references NAME[@VERSION] among the concepts (docs/library.md)
 
     def __post_init__(self) -> None:
         if not len(self.concepts) == len(self.references) == len(self.superclasses):
@@ -46,7 +47,7 @@ def _repeated(flag: str, metavar: str, help: str) -> dict[str, Any]:
 
 
 FLAGS: dict[str, dict[str, Any]] = {
-    "concepts": _repeated("--concept", "PATH", "a concept file or a baseline's output folder"),
+    "concepts": _repeated("--concept", "PATH", "a concept file, a baseline's output folder or a library NAME[@N]"),
     "references": _repeated("--references", "DIR", "folder of the concept's training images, same order"),
     "superclasses": _repeated("--superclass", "WORD", "the concept's super-category word, same order"),
     "prompts": _repeated("--prompt", "TEMPLATE", "prompt template with {} for the concept"),
@@ -58,6 +59,7 @@ FLAGS: dict[str, dict[str, Any]] = {
     "images_dir": dict(help="save every generated image in this folder"),
     "covariance": dict(help="covariance file from `keylocked covariance` (default: the cached one)"),
     "output": dict(help="folder for rows, summary and the Pareto plot (default: keylocked-eval)"),
+    "project": dict(help="concept library project, for --concept NAME[@VERSION] (docs/library.md)"),
 }
 
 
@@ -68,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_dataclass_arguments(parser, EvaluateInputs, overrides=FLAGS)
     add_dataclass_arguments(parser, EvalConfig, overrides=FLAGS)
+    parser.add_argument("--api_key", help="concept library key (default $KEYLOCKED_API_KEY; none: the local owner)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,17 +80,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
-def run(inputs: EvaluateInputs, config) -> None:
-    """Evaluate the concepts of ``inputs`` over ``config``'s sweep; writes rows, summary and the Pareto plot."""
+def run(inputs: EvaluateInputs, config, api_key: str | None = None) -> None:
+    """Evaluate the concepts of ``inputs`` over ``config``'s sweep; writes rows, summary and the Pareto plot.
+
+    ``api_key`` (default ``$KEYLOCKED_API_KEY``) is for library references among the concepts.
+    """
+    from ..library.resolve import looks_like_reference, resolve_concept_sources
+    from ..loading import pipeline_fingerprint
     from ..models import load_pipeline
+    from ..personalizations import Personalization
     from ..quiet import no_loading_bars
-    from ..training.baselines import Personalization
     from ..training.data import load_instance_images
     from .embedders import CLIPEmbedder, EmojiEvaluator
     from .evaluate import EvalItem, evaluate
 
-    items = [Personalization.from_path(path) for path in inputs.concepts]  # validate before loading models
-    pipe = load_pipeline(inputs.pretrained_model_name_or_path)
+    pipe, concepts = None, list(inputs.concepts)
+    if any(looks_like_reference(c) for c in concepts):  # library references: checked against the model's fingerprint
+        pipe = load_pipeline(inputs.pretrained_model_name_or_path)
+        concepts, _ = resolve_concept_sources(
+            concepts, project=inputs.project, api_key=api_key, base_model_fingerprint=pipeline_fingerprint(pipe)
+        )
+    items = [Personalization.from_path(path) for path in concepts]  # validate before loading models
+    pipe = pipe or load_pipeline(inputs.pretrained_model_name_or_path)
     with no_loading_bars():
         embedder = EmojiEvaluator.load() if inputs.embedder == "emoji" else CLIPEmbedder(inputs.embedder)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..base_model import KeylockedError
-from ..training.baselines import (
+from ..personalizations import (
     Personalization,
     load_personalizations,
     set_personalization_options,

@@ -304,9 +304,10 @@ def _signing_key(args: argparse.Namespace) -> None:
 # Parser.
 
 
-def add_library_parser(verbs: argparse._SubParsersAction) -> None:
+def add_library_parser(verbs: argparse._SubParsersAction, debug_help: str = "print the traceback of an error") -> None:
     """Add ``library`` and its verbs to the main ``keylocked`` parser."""
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     common.add_argument("--library", help="library folder or database URL (default $KEYLOCKED_LIBRARY, else per-user)")
     common.add_argument(
         "--blobs", help="blob folder (needed for a PostgreSQL library; default $KEYLOCKED_LIBRARY_BLOBS)"

@@ -183,12 +183,6 @@ def write_session(engine: Engine) -> Iterator[Session]:
         yield session
 
 
-@contextlib.contextmanager
-def read_session(engine: Engine) -> Iterator[Session]:
-    with Session(engine, expire_on_commit=False) as session, session.begin():
-        yield session
-
-
 # ---------------------------------------------------------------------------------------
 # Schema migrations (Alembic, run programmatically).
 

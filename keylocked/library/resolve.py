@@ -74,3 +74,38 @@ def register_version(
     finally:
         if owned:
             library.close()
+
+
+def provenance(resolved: Sequence[Resolved]) -> list[dict[str, Any]]:
+    """What an output records about the library versions it used (never the key)."""
+    return [{"reference": r.reference, "sha256": r.sha256, "audit_id": r.audit_id} for r in resolved]
+
+
+def record_generation(
+    resolved: Sequence[Resolved],
+    prompt: str,
+    outputs: Sequence[str | os.PathLike],
+    *,
+    project: str | None = None,
+    api_key: str | None = None,
+    library: Library | None = None,
+) -> int | None:
+    """Audit a generation that used library versions: the prompt and each output file's sha256."""
+    if not resolved:
+        return None
+    from .store import sha256_file
+
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    owned = library is None
+    library = library or Library.open()
+    try:
+        return library.record_generation(
+            [r.reference for r in resolved],
+            prompt,
+            [sha256_file(path) for path in outputs],
+            project=project,
+            api_key=api_key,
+        )
+    finally:
+        if owned:
+            library.close()

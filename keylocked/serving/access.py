@@ -100,13 +100,14 @@ class LibraryAccess:
     # -- who is asking ------------------------------------------------------------------------
     def authenticate(self, api_key: str | None, what: str) -> Principal:
         """The caller behind a bearer key, or 401 (with a ``denied`` audit row)."""
-        from ..library.db import read_session
+        from sqlalchemy.orm import Session
 
         if not api_key:
             self.audit_request(None, "http.auth", False, "no API key", request=what)
             raise AccessError(401, "an API key is required: send 'Authorization: Bearer kl_<prefix>_<secret>'")
         try:
-            with read_session(self.library.engine) as session:
+            # The library's own key check (no public verb authenticates without acting).
+            with Session(self.library.engine) as session, session.begin():
                 caller = self.library._authenticate(session, api_key, "http.auth")
         except Exception as refusal:  # the library's refusal (bad, unknown, revoked key)
             reason = getattr(refusal, "reason", None) or str(refusal).splitlines()[0]

@@ -204,6 +204,12 @@ class GenerationEngine:
         if wait and self._worker is not None:
             self._worker.join()
 
+    def __enter__(self) -> GenerationEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _next_batch(self) -> list[_Job] | None:
         """The oldest request and those that can join it, once full or after ``max_wait_ms``."""
         limit, wait = self.config.max_batch_size, self.config.max_wait_ms / 1000
@@ -244,8 +250,15 @@ class GenerationEngine:
                     running.append(job)
                 else:
                     self.metrics.count("cancelled")
-            if running:
+            if not running:
+                continue
+            try:
                 self._serve(running)
+            except Exception as error:  # a bug here must not leave futures waiting forever
+                logger.exception("the engine failed serving a batch")
+                for job in running:
+                    if not job.future.done():
+                        self._finish(job, error=error)
 
     # -- one batch --------------------------------------------------------------------------------
     def _serve(self, jobs: list[_Job]) -> None:
@@ -263,6 +276,7 @@ class GenerationEngine:
         tokens = [entry.concept.placeholder_token for entry, _ in entries]
         if len(set(tokens)) != len(tokens):
             raise KeylockedError(f"two of the request's concepts use the same token: {sorted(tokens)}")
+        self.pool.check_together(entry for entry, _ in entries)
         return _Prepared(job, entries)
 
     def _fit_slots(self, prepared: list[_Prepared]) -> Iterator[list[_Prepared]]:
@@ -381,10 +395,16 @@ class GenerationEngine:
         """Latents -> images as the pipeline decodes them (one at a time when batch-invariant)."""
         pipe = self.pipe
         chunks = latents.split(1) if self.config.batch_invariant else [latents]
-        decoded = [pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0] for chunk in chunks]
         images = []
-        for chunk in decoded:
-            out = pipe.image_processor.postprocess(chunk, output_type=self.config.output_type)
+        for chunk in chunks:
+            decoded = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            flagged = None
+            if getattr(pipe, "safety_checker", None) is not None:  # as the pipeline: flagged images stay black
+                decoded, flagged = pipe.run_safety_checker(decoded, decoded.device, decoded.dtype)
+            denormalize = [True] * decoded.shape[0] if flagged is None else [not f for f in flagged]
+            out = pipe.image_processor.postprocess(
+                decoded, output_type=self.config.output_type, do_denormalize=denormalize
+            )
             images.extend(list(out))
         return images
 

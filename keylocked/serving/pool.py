@@ -23,20 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..base_model import KeylockedError, single_token_id
 from ..concept import Concept
 from ..covariance import Covariance, pipeline_folder, resolve_covariance
-from ..layers import ConceptSlot
 from ..loading import (
     check_concept_fits,
+    check_concepts_separable,
+    concept_dims,
     install_keylocked_layers,
     pipeline_fingerprint,
     uninstall_keylocked_layers,
-    value_layers,
 )
 from ..tokens import TokenizerSnapshot, add_tokens, restore_vocabulary
+from ..validation import check_covariance_inverse
 
 SLOT_PREFIX = "<keylocked-slot-"
 _SLOT_PATTERN = re.compile(re.escape(SLOT_PREFIX), re.IGNORECASE)
@@ -122,6 +122,11 @@ class ConceptPool:
             self.covariance = resolve_covariance(
                 pipe.text_encoder, pipe.tokenizer, covariance, model_dir=pipeline_folder(pipe)
             )
+        self.dims = concept_dims(pipe)
+        if self.covariance.inverse.shape != (self.dims.text_dim, self.dims.text_dim):
+            shape = tuple(self.covariance.inverse.shape)
+            raise KeylockedError(f"covariance is {shape}, the text encoder is {self.dims.text_dim}-dimensional")
+        check_covariance_inverse("covariance inverse", self.covariance.inverse)
         self._snapshot = TokenizerSnapshot(pipe.tokenizer)
         embed_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
         self.slots = [f"{SLOT_PREFIX}{i}>" for i in range(max_resident)]
@@ -129,12 +134,21 @@ class ConceptPool:
         self.context = install_keylocked_layers(pipe.unet, self.covariance.inverse)
         device, dtype = pipe.unet.device, pipe.unet.dtype
         self.context.input_covariance_inv = self.context.input_covariance_inv.to(device)
-        self._value_layers = value_layers(pipe.unet)  # cross-attention layer path -> wrapped to_v
-        for layer in self._value_layers.values():  # one buffer per slot and layer, overwritten in place
-            for slot in self.slots:
-                layer.value_targets[slot] = nn.Parameter(
-                    torch.zeros(layer.out_features, device=device, dtype=dtype), requires_grad=False
-                )
+        self._value_layers = dict(self.context.value_layers)  # cross-attention layer path -> wrapped to_v
+        text_dim = self.context.input_covariance_inv.shape[0]
+        for slot in self.slots:  # one buffer per slot and layer, refilled in place by _install
+            self.context.add_concept(
+                slot,
+                torch.zeros(text_dim, device=device),
+                torch.zeros(text_dim, device=device),
+                beta=0.0,
+                tau=1.0,
+                value_targets_by_layer={
+                    name: torch.zeros(layer.out_features, device=device, dtype=dtype)
+                    for name, layer in self._value_layers.items()
+                },
+                active=False,
+            )
         self.resident: OrderedDict[str, str] = OrderedDict()  # concept key -> slot, least recent first
         self.superclass_ids: dict[str, int] = {}  # slot -> super-category token id (global lock)
         self._hook = pipe.text_encoder.register_forward_hook(self._twin_hook, with_kwargs=True)
@@ -149,7 +163,7 @@ class ConceptPool:
             entry = self.cache.get(key)
         if entry is not None:
             return entry
-        concept = Concept.load(source)
+        concept = Concept.load(source, self.dims)
         check_concept_fits(concept, self.pipe, self.fingerprint, source=str(source))
         if concept.covariance_sha256 and concept.covariance_sha256 != self.covariance.sha256:
             raise KeylockedError(
@@ -166,6 +180,12 @@ class ConceptPool:
         return entry
 
     # -- per request ---------------------------------------------------------------------------
+    def check_together(self, entries: Iterable[CachedConcept]) -> None:
+        """Concepts one row uses together must be separable (a well-conditioned Gram matrix)."""
+        concepts = [entry.concept for entry in entries]
+        if len(concepts) > 1:
+            check_concepts_separable(concepts, self.covariance)
+
     def make_resident(self, entries: Iterable[CachedConcept]) -> dict[str, str]:
         """Concept key -> slot token for ``entries``, all resident together (least recently used
         other concepts are evicted). Small tensor copies per concept not yet resident."""
@@ -201,14 +221,14 @@ class ConceptPool:
         device = next(iter(self._value_layers.values())).base_layer.weight.device
         table = self.pipe.text_encoder.get_input_embeddings().weight
         table[self.slot_ids[slot]] = concept.token_embedding.to(table.device, table.dtype)
-        self.context.concepts[slot] = ConceptSlot(
-            concept_input=concept.concept_input.to(device, torch.float32),
-            superclass_input=concept.superclass_input.to(device, torch.float32),
+        self.context.overwrite_concept(
+            slot,
+            concept.concept_input.to(device, torch.float32),
+            concept.superclass_input.to(device, torch.float32),
             beta=concept.beta,
-            temperature=concept.temperature,
+            tau=concept.temperature,
+            value_targets_by_layer=concept.value_targets,
         )
-        for name, layer in self._value_layers.items():
-            layer.value_targets[slot].copy_(concept.value_targets[name])
         self.superclass_ids[slot] = entry.superclass_id
         self.resident[entry.key] = slot
         self.switches += 1

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..base_model import KeylockedError
+from ..validation import check_beta, check_finite, check_integer, check_non_negative, check_positive, check_tau
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -37,6 +38,7 @@ class TrainConfig:
     checkpointing_steps: int = 100
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    overwrite: bool = False  # replace another run's outputs and checkpoints in output_dir
     validation_prompt: str | None = None
     validation_steps: int = 100
     num_validation_images: int = 4
@@ -47,24 +49,37 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = {
-            "train_batch_size": self.train_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "max_train_steps": self.max_train_steps,
-            "checkpointing_steps": self.checkpointing_steps,
-            "validation_steps": self.validation_steps,
-            "train_tau": self.train_tau,
-            "inference_tau": self.inference_tau,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise KeylockedError(f"{name} must be positive, got {value!r}")
-        if self.resolution is not None and self.resolution < 8:
-            raise KeylockedError(f"resolution must be at least 8, got {self.resolution!r}")
+        for name in (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "checkpointing_steps",
+            "validation_steps",
+            "num_validation_images",
+            "num_inference_steps",
+        ):
+            check_positive(name, check_integer(name, getattr(self, name)))
+        if self.checkpoints_total_limit is not None:
+            check_positive(
+                "checkpoints_total_limit", check_integer("checkpoints_total_limit", self.checkpoints_total_limit)
+            )
+        if self.resolution is not None:
+            check_integer("resolution", self.resolution, minimum=8)
+        check_integer("seed", self.seed)
+        # every float through keylocked.validation: NaN/inf never reach the optimizer or the file
+        self.learning_rate_embedding = check_non_negative("learning_rate_embedding", self.learning_rate_embedding)
+        self.learning_rate_values = check_non_negative("learning_rate_values", self.learning_rate_values)
+        self.adam_weight_decay = check_non_negative("adam_weight_decay", self.adam_weight_decay)
+        self.train_beta = check_beta(self.train_beta, "train_beta")
+        self.inference_beta = check_beta(self.inference_beta, "inference_beta")
+        self.train_tau = check_tau(self.train_tau, "train_tau")
+        self.inference_tau = check_tau(self.inference_tau, "inference_tau")
+        self.guidance_scale = check_finite("guidance_scale", self.guidance_scale)
+        self.ema_decay = check_finite("ema_decay", self.ema_decay)
         if not 0.0 <= self.ema_decay < 1.0:
             raise KeylockedError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if self.learning_rate_embedding < 0 or self.learning_rate_values < 0:
-            raise KeylockedError("learning rates must be non-negative")
+        if self.overwrite and self.resume_from_checkpoint:
+            raise KeylockedError("overwrite and resume_from_checkpoint exclude each other; choose one")
         if self.mixed_precision not in MIXED_PRECISION:
             raise KeylockedError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.concept_dtype not in ("fp16", "fp32"):

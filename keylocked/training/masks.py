@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
@@ -55,44 +56,30 @@ class AttentionMapProbe:
         return mask / mask.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
 
 
-class AttentionProbeProcessor:
-    """diffusers' ``AttnProcessor`` (explicit softmax) that also reports attention maps."""
+class AttentionProbeProcessor(AttnProcessor):
+    """diffusers' own ``AttnProcessor`` (explicit softmax), reporting the probabilities it computes.
+
+    The probabilities are taken from ``attn.get_attention_scores`` while the stock processor runs,
+    so the attention itself is diffusers' code, unchanged.
+    """
 
     def __init__(self, probe: AttentionMapProbe):
+        super().__init__()
         self.probe = probe
 
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
-    ):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        ).shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        attention_probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)
-        self.probe.record(attention_probs, attn.heads)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(attention_probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def __call__(self, attn, *args, **kwargs):
+        scores = attn.get_attention_scores
+
+        def recording_scores(query, key, attention_mask=None):
+            probabilities = scores(query, key, attention_mask)  # (B*heads, Q, T)
+            self.probe.record(probabilities, attn.heads)
+            return probabilities
+
+        attn.get_attention_scores = recording_scores  # instance attribute shadows the method for this call
+        try:
+            return super().__call__(attn, *args, **kwargs)
+        finally:
+            del attn.get_attention_scores
 
 
 class probing_cross_attention:

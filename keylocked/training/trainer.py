@@ -1,57 +1,315 @@
-"""Perfusion concept training: learn a token embedding and one value target per layer."""
+"""One training loop for every method, resumable from checkpoints that hold only JSON and safetensors.
+
+Stages: check the output folder and lock it -> check every input -> place the frozen model ->
+the method installs what it trains -> the loop (the same batches for every method) -> save.
+``checkpoint-N/`` holds ``trainer_state.json`` (step, config, run identity, optimizer
+hyperparameters), ``trainable.safetensors``, ``optimizer.safetensors`` and the method's usable
+output; resuming reads nothing else, so a checkpoint folder can never run code.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..base_model import (
-    KeylockedError,
-    base_model_fingerprint,
-    encode_prompts,
-    single_token_id,
-)
-from ..concept import Concept
-from ..covariance import pipeline_folder, resolve_covariance
-from ..io import atomic_path, atomic_write_text
-from ..layers import ConceptSlot
-from ..loading import install_keylocked_layers, uninstall_keylocked_layers, value_layers
+from ..base_model import KeylockedError, encode_prompts
+from ..io import atomic_path, atomic_write_text, read_safetensors_header, save_safetensors
+from ..loading import pipeline_fingerprint
+from ..personalizations import CONCEPT_FILENAME, OUTPUT_FILENAMES
 from ..quiet import LOADING_LOGS, quiet
-from ..tokens import TokenizerSnapshot, add_tokens, check_new_token, restore_vocabulary
+from ..tokens import TokenizerSnapshot, add_tokens, restore_vocabulary
 from .config import TrainConfig
 from .data import images_to_tensor, load_instance_images, prompts_for, sample_batch, step_generator
 from .masks import AttentionMapProbe, load_user_masks, probing_cross_attention
+from .methods import METHODS, BaselineOptions, Setup, TrainingMethod
 
 logger = logging.getLogger(__name__)
-CONCEPT_FILENAME = "concept.safetensors"
+CHECKPOINT_FORMAT = "keylocked.checkpoint"
+CHECKPOINT_VERSION = 1
+STATE_FILENAME = "trainer_state.json"
+TRAINABLE_FILENAME = "trainable.safetensors"
+OPTIMIZER_FILENAME = "optimizer.safetensors"
+LOCK_FILENAME = ".keylocked.lock"
 
 
-class ConceptParameters(nn.Module):
-    """What training learns (embedding, value targets) and tracks (i* EMA, i*_super)."""
+def train(config: TrainConfig, method: str = "perfusion", pipe=None, options: BaselineOptions | None = None) -> Path:
+    """Train one concept with ``method``; returns the saved file (a concept file or a baseline's weights).
 
-    def __init__(self, token_embedding: Tensor, superclass_input: Tensor, value_targets: dict[str, Tensor]):
-        super().__init__()
-        self.token_embedding = nn.Parameter(token_embedding.detach().clone().float())  # (d_embed,)
-        self.value_targets = nn.ParameterDict(
-            {name.replace(".", "/"): nn.Parameter(t.detach().clone().float()) for name, t in value_targets.items()}
-        )  # layer path -> (out,)
-        self.register_buffer("concept_input", superclass_input.detach().clone().float())  # (d_text,) i*
-        self.register_buffer("superclass_input", superclass_input.detach().clone().float())  # (d_text,)
+    ``pipe`` may be given to reuse a loaded pipeline; it is handed back as it was (concepts the
+    user had loaded stay loaded).
+    """
+    if method not in METHODS:
+        raise KeylockedError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    runner = METHODS[method](config, options or BaselineOptions())
+    output_dir = Path(config.output_dir)
+    with locked_output_dir(output_dir):
+        previous = previous_outputs(output_dir)
+        if previous and not (config.overwrite or config.resume_from_checkpoint):
+            names = ", ".join(p.name for p in previous[:4]) + (", ..." if len(previous) > 4 else "")
+            raise KeylockedError(
+                f"{output_dir} holds another run's outputs ({names}); pass --overwrite to replace them, "
+                "--resume_from_checkpoint latest to continue that run, or choose another --output_dir"
+            )
+        resume_dir = _resume_dir(config, output_dir)
+        if previous and config.resume_from_checkpoint and resume_dir is None:
+            raise KeylockedError(
+                f"{output_dir} holds another run's outputs but no checkpoint to resume; use --overwrite"
+            )
+        if pipe is None:
+            from ..models import load_pipeline
 
-    def value_target(self, layer_name: str) -> nn.Parameter:
-        return self.value_targets[layer_name.replace(".", "/")]
+            pipe = load_pipeline(config.pretrained_model_name_or_path)
+        return _train(config, runner, pipe, output_dir, resume_dir, previous)
+
+
+def train_concept(config: TrainConfig, pipe=None) -> Path:
+    """Train one Perfusion concept; returns the path of the saved concept file."""
+    return train(config, "perfusion", pipe=pipe)
+
+
+# ---------------------------------------------------------------------------------------
+# The output folder: checked, locked, and never mixed between runs.
+
+
+@contextlib.contextmanager
+def locked_output_dir(output_dir: Path) -> Iterator[None]:
+    """Create and lock ``output_dir`` for one run (a second concurrent run fails at once)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise KeylockedError(f"output_dir {output_dir} is a file; give a folder")
+    created = not output_dir.exists()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / LOCK_FILENAME, "a")  # noqa: SIM115 (held for the whole run)
+    except OSError as error:
+        raise KeylockedError(f"output_dir {output_dir} is not writable ({error.strerror or error})") from error
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KeylockedError(
+                f"output_dir {output_dir} is in use by another keylocked run; wait for it or choose another folder"
+            ) from None
+        with _writing(output_dir):  # a folder we may create files in, but not write to (read-only mount)
+            probe = output_dir / f".keylocked-write-test-{id(handle)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        yield
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no folder behind
+            (output_dir / LOCK_FILENAME).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()  # only if empty
+        raise
+    finally:
+        handle.close()  # releases the lock
+
+
+def previous_outputs(output_dir: Path) -> list[Path]:
+    """What an earlier run left in ``output_dir``: its outputs, checkpoints and validation images."""
+    return sorted(
+        p
+        for p in output_dir.iterdir()
+        if p.name in OUTPUT_FILENAMES
+        or p.name == "validation"
+        or (p.name.startswith(("checkpoint-", ".checkpoint-")) and p.is_dir())
+    )
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _writing(where: Path) -> Iterator[None]:
+    """A write that fails (disk full, read-only) becomes one clear error; callers clean up partial files."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, KeylockedError):
+            raise
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise KeylockedError(f"cannot write to {where}: {reason}; nothing partial was kept") from error
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: JSON + safetensors only.
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _resume_dir(config: TrainConfig, output_dir: Path) -> Path | None:
+    if not config.resume_from_checkpoint:
+        return None
+    if config.resume_from_checkpoint == "latest":
+        checkpoints = _checkpoints(output_dir)
+        if not checkpoints:
+            logger.info("no checkpoint in %s; starting from step 0", output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(config.resume_from_checkpoint)
+    if not path.is_dir():
+        raise KeylockedError(f"checkpoint not found: {path}")
+    return path
+
+
+def _run_identity(runner: TrainingMethod, fingerprint: str) -> dict[str, str]:
+    """What makes a checkpoint resumable by this run (shapes are compared once the trainables exist)."""
+    return {
+        "method": runner.name,
+        "token": runner.prompt_phrase,
+        "base_model_fingerprint": fingerprint,
+        "covariance_sha256": runner.covariance_sha256,
+    }
+
+
+def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint, checked for format; never executes anything."""
+    path = checkpoint / STATE_FILENAME
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KeylockedError(f"{checkpoint}: not a keylocked checkpoint ({STATE_FILENAME} missing)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise KeylockedError(f"{path}: unreadable checkpoint state ({error})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise KeylockedError(f"{checkpoint}: not a keylocked checkpoint (written by another version or tool)")
+    if state.get("format_version") != CHECKPOINT_VERSION:
+        raise KeylockedError(
+            f"{checkpoint}: checkpoint format version {state.get('format_version')!r} is not supported"
+        )
+    for key, kind in (("global_step", int), ("identity", dict), ("trainables", dict), ("param_groups", list)):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise KeylockedError(f"{checkpoint}: checkpoint state lacks a valid {key!r}")
+    return state
+
+
+def _check_same_run(checkpoint: Path, state: dict[str, Any], identity: dict[str, str]) -> None:
+    for key, expected in identity.items():
+        recorded = state["identity"].get(key)
+        if recorded != expected:
+            raise KeylockedError(
+                f"{checkpoint} is of another run ({key} {str(recorded)[:24]!r}, this run {str(expected)[:24]!r}); "
+                "resume it with its own settings, or start fresh with --overwrite"
+            )
+
+
+def _check_shapes(checkpoint: Path, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    expected = {name: list(t.shape) for name, t in tensors.items()}
+    if state["trainables"] != expected:
+        raise KeylockedError(f"{checkpoint}: its trainable tensors do not match this run's (names or shapes differ)")
+    header = read_safetensors_header(checkpoint / TRAINABLE_FILENAME, "checkpoint trainables")
+    if {name: list(info.shape) for name, info in header.tensors.items()} != expected:
+        raise KeylockedError(f"{checkpoint}: {TRAINABLE_FILENAME} does not hold this run's trainables")
+    read_safetensors_header(checkpoint / OPTIMIZER_FILENAME, "checkpoint optimizer state")
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """AdamW's state as flat tensors ``state.<param index>.<name>`` + JSON hyperparameters per group."""
+    state_dict = optimizer.state_dict()
+    tensors = {}
+    for index, slots in state_dict["state"].items():
+        for key, value in slots.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"optimizer state {key!r} is not a tensor")  # AdamW keeps tensors only
+            tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "num_params": len(group["params"])}
+        for group in state_dict["param_groups"]
+    ]
+    return tensors, groups
+
+
+def _load_optimizer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    current = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(current) or any(
+        not isinstance(g, dict) or g.get("num_params") != len(c["params"]) for g, c in zip(groups, current)
+    ):
+        raise KeylockedError(f"{checkpoint}: optimizer parameter groups do not match this run's")
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, tensor in load_file(str(checkpoint / OPTIMIZER_FILENAME)).items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor
+    param_groups = []
+    for recorded, group in zip(groups, current):
+        restored = {k: v for k, v in recorded.items() if k != "num_params"}
+        if isinstance(restored.get("betas"), list):
+            restored["betas"] = tuple(restored["betas"])  # JSON has no tuples
+        param_groups.append({**group, **restored, "params": group["params"]})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise KeylockedError(f"{checkpoint}: optimizer state does not fit this run ({error})") from error
+
+
+def _save_checkpoint(
+    output_dir: Path,
+    step: int,
+    runner: TrainingMethod,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    config: TrainConfig,
+    identity: dict[str, str],
+    info: dict[str, Any],
+) -> None:
+    """checkpoint-N/: resumable state + the usable output (early checkpoints are often best)."""
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f".checkpoint-{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with _writing(output_dir):
+            partial.mkdir()
+            tensors = runner.state()
+            trainables = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+            save_safetensors(trainables, partial / TRAINABLE_FILENAME, {})
+            optimizer_tensors, groups = _optimizer_state(optimizer)
+            save_safetensors(optimizer_tensors, partial / OPTIMIZER_FILENAME, {})
+            runner.save(partial, step, info)
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "format_version": CHECKPOINT_VERSION,
+                "global_step": step,
+                "identity": identity,
+                "config": config.to_dict(),
+                "trainables": {name: list(t.shape) for name, t in tensors.items()},
+                "param_groups": groups,
+                "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            }
+            atomic_write_text(partial / STATE_FILENAME, json.dumps(state, indent=2, sort_keys=True))
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if config.checkpoints_total_limit:
+        for old in _checkpoints(output_dir)[: -config.checkpoints_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
 
 
 def _resolution(config: TrainConfig, pipe) -> int:
@@ -79,146 +337,102 @@ def freeze_and_place(pipe, device: torch.device, mixed_precision: str) -> torch.
     return weight_dtype
 
 
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1])) if checkpoints else None
+def _optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    try:
+        return torch.optim.AdamW(groups, weight_decay=config.adam_weight_decay)
+    except ValueError as error:  # torch's own range checks, should a value slip past the config's
+        raise KeylockedError(f"invalid optimizer setting: {error}") from error
 
 
-def _masked_mse(prediction: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
-    """Noise-prediction MSE, weighted per image by a soft object mask (normalised per image)."""
-    error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(1, keepdim=True)  # (B, 1, h, w)
-    if mask is None:
-        return error.mean()
-    weights = mask / mask.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)  # (B, 1, h, w), sums to 1 per image
-    return (error * weights).sum(dim=(1, 2, 3)).mean()
-
-
-def train_concept(config: TrainConfig, pipe=None) -> Path:
-    """Train one Perfusion concept; returns the path of the saved concept file.
-
-    ``pipe`` may be given to reuse a loaded pipeline; it is restored to stock afterwards.
-    """
-    output_dir = Path(config.output_dir)
+def _train(
+    config: TrainConfig,
+    runner: TrainingMethod,
+    pipe,
+    output_dir: Path,
+    resume_dir: Path | None,
+    previous: list[Path],
+) -> Path:
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
     )
-    if pipe is None:
-        from ..models import load_pipeline
-
-        pipe = load_pipeline(config.pretrained_model_name_or_path)
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
 
     # -- validate every input before touching the model -------------------------------------
-    check_new_token(tokenizer, config.placeholder_token)
-    superclass_id = single_token_id(tokenizer, config.superclass_token)
+    runner.check(pipe)
     resolution = _resolution(config, pipe)
-    images = load_instance_images(config.instance_data_dir, resolution)
-    instance = images_to_tensor(images)  # (N, 3, R, R)
-    if config.mask not in ("attention", "none"):
-        instance = torch.cat([instance, load_user_masks(config.mask, len(images), resolution)], dim=1)  # (N, 4, R, R)
-    resume_dir = None
-    if config.resume_from_checkpoint:
-        resume_dir = (
-            _latest_checkpoint(output_dir)
-            if config.resume_from_checkpoint == "latest"
-            else Path(config.resume_from_checkpoint)
-        )
-        if config.resume_from_checkpoint != "latest" and not (resume_dir and resume_dir.is_dir()):
-            raise KeylockedError(f"checkpoint not found: {config.resume_from_checkpoint}")
-    covariance = resolve_covariance(
-        text_encoder, tokenizer, config.covariance, progress=config.progress, model_dir=pipeline_folder(pipe)
-    )
+    instance = images_to_tensor(load_instance_images(config.instance_data_dir, resolution))  # (N, 3, R, R)
+    if runner.uses_mask and config.mask not in ("attention", "none"):
+        masks = load_user_masks(config.mask, instance.shape[0], resolution)
+        instance = torch.cat([instance, masks], dim=1)  # (N, 4, R, R)
+    elif not runner.uses_mask and config.mask != "attention":
+        logger.info("%s trains with the plain (unmasked) loss; mask=%r is ignored", runner.name, config.mask)
+    fingerprint = pipeline_fingerprint(pipe)
+    identity = _run_identity(runner, fingerprint)
+    resume_state = None
+    if resume_dir is not None:
+        resume_state = read_checkpoint_state(resume_dir)
+        _check_same_run(resume_dir, resume_state, identity)
+    if resume_state is not None or config.resume_from_checkpoint:
+        for checkpoint in _checkpoints(output_dir):  # the folder must hold this run only
+            _check_same_run(checkpoint, read_checkpoint_state(checkpoint), identity)
+    if config.overwrite:
+        _remove(previous)
     snapshot = TokenizerSnapshot(tokenizer)
-    fingerprint = base_model_fingerprint(text_encoder, unet, snapshot.vocab_size)
-
     device = accelerator.device
     weight_dtype = freeze_and_place(pipe, device, config.mixed_precision)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    # -- the new token, hooked so that only its embedding row is trained ---------------------
-    embedding_table = text_encoder.get_input_embeddings()
-    superclass_embedding = embedding_table.weight[superclass_id].detach().clone()
-    placeholder_id = add_tokens(tokenizer, text_encoder, {config.placeholder_token: superclass_embedding})[
-        config.placeholder_token
-    ]
-    embedding_table = text_encoder.get_input_embeddings()
     hooks = []
-    context = None
     try:
-        # i*_super: mean encoding of the super-category word in the first batch's prompts
-        first = step_generator(config.seed, 0)
-        _, templates = sample_batch(instance, config.effective_batch_size, first, num_templates=len(config.templates))
-        with torch.no_grad():
-            encodings, ids = encode_prompts(
-                text_encoder, tokenizer, prompts_for(templates, config.superclass_token, config.templates)
-            )
-            superclass_input = encodings[ids == superclass_id].float().mean(0)  # (d_text,)
-        context = install_keylocked_layers(unet, covariance.inverse.to(device))
-        layers = value_layers(unet)
-        initial_values = {
-            name: F.linear(superclass_input.to(layer.weight), layer.weight).float() for name, layer in layers.items()
-        }
-        params = ConceptParameters(superclass_embedding, superclass_input, initial_values).to(device)
-        token = config.placeholder_token
-        context.concepts[token] = ConceptSlot(
-            params.concept_input, params.superclass_input, config.train_beta, config.train_tau
-        )
-        context.active = {token}
-        for name, layer in layers.items():
-            layer.value_targets[token] = params.value_target(name)
+        # -- the new token, hooked so that only its embedding row is trained -----------------
+        token_embedding, placeholder_id = None, None
+        if runner.uses_token:
+            init = text_encoder.get_input_embeddings().weight[runner.superclass_id].detach().clone()
+            token = config.placeholder_token
+            placeholder_id = add_tokens(tokenizer, text_encoder, {token: init})[token]
+            token_embedding = nn.Parameter(init.float().to(device))  # (d_embed,)
 
-        def replace_placeholder(module, inputs, output):
-            is_placeholder = (inputs[0] == placeholder_id).unsqueeze(-1)  # (B, T, 1)
-            return torch.where(is_placeholder, params.token_embedding.to(output.dtype), output)
+            def replace_placeholder(module, inputs, output):
+                is_placeholder = (inputs[0] == placeholder_id).unsqueeze(-1)  # (B, T, 1)
+                return torch.where(is_placeholder, token_embedding.to(output.dtype), output)
 
-        hooks.append(embedding_table.register_forward_hook(replace_placeholder))
-
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [params.token_embedding], "lr": config.learning_rate_embedding},
-                {"params": list(params.value_targets.parameters()), "lr": config.learning_rate_values},
-            ],
-            weight_decay=config.adam_weight_decay,
-        )
-        optimizer = accelerator.prepare(optimizer)
-        accelerator.register_for_checkpointing(params)
-
+            hooks.append(text_encoder.get_input_embeddings().register_forward_hook(replace_placeholder))
+        # -- what this method trains --------------------------------------------------------
+        groups = runner.setup(Setup(pipe, device, instance, token_embedding))
+        optimizer = accelerator.prepare(_optimizer(groups, config))
         global_step = 0
-        if resume_dir is not None:
-            accelerator.load_state(str(resume_dir))
-            global_step = int(json.loads((resume_dir / "trainer_state.json").read_text())["global_step"])
+        if resume_state is not None:
+            tensors = runner.state()
+            _check_shapes(resume_dir, resume_state, tensors)
+            with torch.no_grad():
+                for name, value in load_file(str(resume_dir / TRAINABLE_FILENAME)).items():
+                    tensors[name].copy_(value)
+            _load_optimizer_state(resume_dir, optimizer, resume_state["param_groups"])
+            if accelerator.scaler is not None and isinstance(resume_state.get("grad_scaler"), dict):
+                accelerator.scaler.load_state_dict(resume_state["grad_scaler"])
+            global_step = resume_state["global_step"]
             logger.info("resumed from %s at step %d", resume_dir, global_step)
 
+        # -- the loop: the same batches for every method (seeded by step) ---------------------
         probe = AttentionMapProbe()
-        use_attention_mask = config.mask == "attention"
-        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        info = {
+            "base_model_fingerprint": fingerprint,
+            "effective_batch_size": config.effective_batch_size,
+            "seed": config.seed,
+            "resolution": resolution,
+            "base_model": str(config.pretrained_model_name_or_path),
+            "learning_rates": [g["lr"] for g in groups],
+        }
         progress = tqdm(
             total=config.max_train_steps, initial=global_step, desc="train", disable=not config.progress, unit="step"
         )
         started, start_step = time.perf_counter(), global_step
         while global_step < config.max_train_steps:
             for micro in range(config.gradient_accumulation_steps):
-                generator = step_generator(config.seed, global_step * config.gradient_accumulation_steps + micro + 1)
-                with accelerator.accumulate(params), accelerator.autocast():
-                    loss = _training_step(
-                        config,
-                        instance,
-                        generator,
-                        tokenizer,
-                        text_encoder,
-                        unet,
-                        vae,
-                        noise_scheduler,
-                        params,
-                        context,
-                        placeholder_id,
-                        probe,
-                        use_attention_mask,
-                        vae_scale,
-                        device,
-                        weight_dtype,
+                generator = step_generator_for(config, global_step, micro)
+                with accelerator.accumulate(), accelerator.autocast():
+                    loss = training_loss(
+                        config, runner, pipe, instance, generator, noise_scheduler, placeholder_id, probe, weight_dtype
                     )
                     accelerator.backward(loss)
                     optimizer.step()
@@ -230,35 +444,30 @@ def train_concept(config: TrainConfig, pipe=None) -> Path:
                 s_per_step=f"{(time.perf_counter() - started) / (global_step - start_step):.2f}",
             )
             if global_step % config.checkpointing_steps == 0 or global_step == config.max_train_steps:
-                _save_checkpoint(
-                    accelerator,
-                    config,
-                    output_dir,
-                    global_step,
-                    params,
-                    layers,
-                    fingerprint,
-                    covariance.sha256,
-                    superclass_id,
-                )
+                _save_checkpoint(output_dir, global_step, runner, optimizer, accelerator, config, identity, info)
             if config.validation_prompt and (
                 global_step % config.validation_steps == 0 or global_step == config.max_train_steps
             ):
-                _validate(config, pipe, context, token, output_dir, global_step)
+                _validate(config, runner, pipe, output_dir, global_step)
         progress.close()
-        concept = _concept_from(params, config, layers, fingerprint, covariance.sha256, global_step)
-        path = concept.save(output_dir / CONCEPT_FILENAME, dtype=_concept_dtype(config))
+        with _writing(output_dir):
+            path = runner.save(output_dir, global_step, info)
         logger.info("saved %s (%d bytes)", path, path.stat().st_size)
         return path
     finally:
         for hook in hooks:
             hook.remove()
-        uninstall_keylocked_layers(unet)
+        runner.teardown(pipe)
         restore_vocabulary(tokenizer, text_encoder, snapshot)
 
 
+def step_generator_for(config: TrainConfig, step: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch: a function of (seed, step, micro) only, so resume is exact."""
+    return step_generator(config.seed, step * config.gradient_accumulation_steps + micro + 1)
+
+
 def noised_batch(config, instance, generator, vae, noise_scheduler, device, weight_dtype):
-    """Draw a micro-batch and noise it; shared with the baselines so every method sees the same batches.
+    """Draw a micro-batch and noise it; every method sees the same batches.
 
     Returns (latents, noisy_latents, timesteps, target, template indices, user mask or None).
     """
@@ -291,119 +500,58 @@ def noised_batch(config, instance, generator, vae, noise_scheduler, device, weig
     return latents, noisy_latents, timesteps, target, templates, user_mask
 
 
-def _training_step(
-    config,
-    instance,
-    generator,
-    tokenizer,
-    text_encoder,
-    unet,
-    vae,
+def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+    """Noise-prediction MSE, weighted per image by a soft object mask (normalised per image)."""
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(1, keepdim=True)  # (B, 1, h, w)
+    if mask is None:
+        return error.mean()
+    weights = mask / mask.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)  # (B, 1, h, w), sums to 1 per image
+    return (error * weights).sum(dim=(1, 2, 3)).mean()
+
+
+def training_loss(
+    config: TrainConfig,
+    runner: TrainingMethod,
+    pipe,
+    instance: Tensor,
+    generator: torch.Generator,
     noise_scheduler,
-    params,
-    context,
-    placeholder_id,
-    probe,
-    use_attention_mask,
-    vae_scale,
-    device,
-    weight_dtype,
+    placeholder_id: int | None,
+    probe: AttentionMapProbe,
+    weight_dtype: torch.dtype,
 ) -> Tensor:
-    """One micro-batch: encode, noise, predict, masked loss; updates the i* EMA."""
+    """One micro-batch: noise, encode the prompts with the method's phrase, predict, (masked) loss."""
+    device = pipe.unet.device
     latents, noisy_latents, timesteps, target, templates, user_mask = noised_batch(
-        config, instance, generator, vae, noise_scheduler, device, weight_dtype
+        config, instance, generator, pipe.vae, noise_scheduler, device, weight_dtype
     )
-    # text: the concept token's encodings drive the i* EMA (the gate's anchor)
-    encodings, ids = encode_prompts(
-        text_encoder, tokenizer, prompts_for(templates, config.placeholder_token, config.templates)
-    )
-    is_placeholder = ids == placeholder_id  # (B, T)
-    with torch.no_grad():
-        observed = encodings[is_placeholder].float().mean(0)  # (d_text,)
-        params.concept_input.mul_(config.ema_decay).add_(observed, alpha=1 - config.ema_decay)
-    context.touch()
+    prompts = prompts_for(templates, runner.prompt_phrase, config.templates)
+    # text: gradients flow into the token embedding only for the methods that train one
+    with torch.enable_grad() if runner.uses_token else torch.no_grad():
+        encodings, ids = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)  # (B, T, d)
+    is_placeholder = ids == placeholder_id if placeholder_id is not None else None  # (B, T)
+    runner.observe(encodings, is_placeholder)
     # UNet prediction, reading the concept token's attention map on the way when masking
-    with probing_cross_attention(unet, probe) if use_attention_mask else nullcontext():
+    use_attention_mask = runner.uses_mask and config.mask == "attention"
+    with probing_cross_attention(pipe.unet, probe) if use_attention_mask else nullcontext():
         probe.reset(is_placeholder)
-        prediction = unet(noisy_latents, timesteps, encodings.to(weight_dtype)).sample
+        prediction = pipe.unet(noisy_latents, timesteps, encodings.to(weight_dtype)).sample
     mask = None
     if use_attention_mask:
         mask = probe.object_mask(*latents.shape[-2:])
-    elif user_mask is not None:
+    elif runner.uses_mask and user_mask is not None:
         mask = F.interpolate(
             user_mask.to(device, torch.float32), size=latents.shape[-2:], mode="bilinear", align_corners=False
         )
-    return _masked_mse(prediction, target, mask)
-
-
-def _concept_dtype(config: TrainConfig) -> torch.dtype:
-    return torch.float16 if config.concept_dtype == "fp16" else torch.float32
-
-
-def _concept_from(
-    params: ConceptParameters, config: TrainConfig, layers, fingerprint: str, covariance_sha: str, step: int
-) -> Concept:
-    return Concept(
-        placeholder_token=config.placeholder_token,
-        superclass_token=config.superclass_token,
-        token_embedding=params.token_embedding.detach().cpu(),
-        concept_input=params.concept_input.detach().cpu(),
-        superclass_input=params.superclass_input.detach().cpu(),
-        value_targets={name: params.value_target(name).detach().cpu() for name in layers},
-        base_model_fingerprint=fingerprint,
-        covariance_sha256=covariance_sha,
-        train_beta=config.train_beta,
-        train_temperature=config.train_tau,
-        beta=config.inference_beta,
-        temperature=config.inference_tau,
-        training={
-            "steps": step,
-            "effective_batch_size": config.effective_batch_size,
-            "learning_rate_embedding": config.learning_rate_embedding,
-            "learning_rate_values": config.learning_rate_values,
-            "mask": config.mask if config.mask in ("attention", "none") else "user",
-            "seed": config.seed,
-            "resolution": config.resolution,
-            "base_model": str(config.pretrained_model_name_or_path),
-        },
-    )
-
-
-def _save_checkpoint(
-    accelerator, config, output_dir, step, params, layers, fingerprint, covariance_sha, superclass_id
-) -> None:
-    """checkpoint-N/: accelerate state (resume) + a usable concept file (early checkpoints are often best)."""
-    final = output_dir / f"checkpoint-{step}"
-    partial = output_dir / f".checkpoint-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    accelerator.save_state(str(partial))
-    atomic_write_text(
-        partial / "trainer_state.json",
-        json.dumps({"global_step": step, "config": config.to_dict()}, indent=2, sort_keys=True),
-    )
-    _concept_from(params, config, layers, fingerprint, covariance_sha, step).save(
-        partial / CONCEPT_FILENAME, dtype=_concept_dtype(config)
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    if config.checkpoints_total_limit:
-        checkpoints = sorted(
-            (p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1])
-        )
-        for old in checkpoints[: -config.checkpoints_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    return masked_mse(prediction, target, mask)
 
 
 @torch.no_grad()
-def _validate(config: TrainConfig, pipe, context, token: str, output_dir: Path, step: int) -> None:
-    """Generate validation images with the inference gate settings; saves validation/step-N.png."""
+def _validate(config: TrainConfig, runner: TrainingMethod, pipe, output_dir: Path, step: int) -> None:
+    """Generate validation images with the method's inference settings; saves validation/step-N.png."""
     from ..visual import image_grid
 
-    slot = context.concepts[token]
-    training_gate = (slot.beta, slot.temperature)
-    slot.beta, slot.temperature = config.inference_beta, config.inference_tau
-    context.touch()
-    try:
+    with runner.inference_settings():
         generator = torch.Generator(pipe.unet.device).manual_seed(config.seed)
         images = pipe(
             [config.validation_prompt] * config.num_validation_images,
@@ -411,8 +559,8 @@ def _validate(config: TrainConfig, pipe, context, token: str, output_dir: Path, 
             guidance_scale=config.guidance_scale,
             generator=generator,
         ).images
-    finally:
-        slot.beta, slot.temperature = training_gate
-        context.touch()
-    with atomic_path(output_dir / "validation" / f"step-{step}.png") as tmp:
+    with _writing(output_dir), atomic_path(output_dir / "validation" / f"step-{step}.png") as tmp:
         image_grid(images, columns=min(4, len(images))).save(tmp, format="PNG")
+
+
+__all__ = ["CONCEPT_FILENAME", "freeze_and_place", "noised_batch", "train", "train_concept"]
