@@ -374,7 +374,8 @@ def test_evaluate_flags_are_the_dataclass_fields(tmp_path):
     from keylocked.evaluation.__main__ import EvaluateInputs
 
     evaluate_parser = build_parser()._subparsers._group_actions[0].choices["evaluate"]
-    dests = {a.dest for a in evaluate_parser._actions if not isinstance(a, argparse._HelpAction)} - {"debug"}
+    # --api_key (the concept library key) is deliberately no field: inputs may be written out, a key never.
+    dests = {a.dest for a in evaluate_parser._actions if not isinstance(a, argparse._HelpAction)} - {"debug", "api_key"}
     fields = {f.name for cls in (EvaluateInputs, EvalConfig) for f in dataclasses.fields(cls)}
     assert dests == fields
     args = evaluate_parser.parse_args(

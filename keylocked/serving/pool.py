@@ -134,7 +134,7 @@ class ConceptPool:
         self.context = install_keylocked_layers(pipe.unet, self.covariance.inverse)
         device, dtype = pipe.unet.device, pipe.unet.dtype
         self.context.input_covariance_inv = self.context.input_covariance_inv.to(device)
-        self._value_layers = dict(self.context.value_layers)  # cross-attention layer path -> wrapped to_v
+        self._value_layers = self.context.value_layers  # cross-attention layer path -> wrapped to_v
         text_dim = self.context.input_covariance_inv.shape[0]
         for slot in self.slots:  # one buffer per slot and layer, refilled in place by _install
             self.context.add_concept(
