@@ -348,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_beta_search_arguments(tune)
     tune.set_defaults(handler=_tune_beta)
     from .library.cli import add_library_parser
+    from .serving.cli import add_serve_parser
 
     add_library_parser(verbs, debug_help=DEBUG_HELP)
+    add_serve_parser(verbs)
     for verb in verbs.choices.values():  # `keylocked train ... --debug` works too (SUPPRESS: keeps a global --debug)
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
