@@ -172,8 +172,8 @@ def tune_concept_file(
     """``keylocked tune-beta``: load the model and a scorer (``"emoji"``: the shipped emoji evaluator,
     else a local CLIP folder), score against the images in ``references``, store the chosen β."""
     from .evaluation.embedders import CLIPEmbedder, EmojiEvaluator
+    from .images import load_instance_images
     from .models import load_pipeline
-    from .training.data import load_instance_images
 
     Concept.load(concept_path)  # a clear error before loading any model
     if pipe is None:
