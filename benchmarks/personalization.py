@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from emoji_world.build_dataset import build, load_sprites  # noqa: E402
 from emoji_world.catalog import APT_INSTALL_LINE, check_sources, load_splits  # noqa: E402
 from emoji_world.compose import Layout, Placed, augmented_view, render_layout, sample_layout  # noqa: E402
+from keylocked.edit_options import COVARIANCE_POSITIONS, EDITS, KEY_LOCKS  # noqa: E402
 from keylocked.evaluation import EvalConfig, EvalItem, evaluate, evaluate_pairs, separating_threshold, write_results  # noqa: E402
 from keylocked.evaluation.evaluate import summarize, summary_table  # noqa: E402
 from keylocked.evaluation.metrics import image_alignment  # noqa: E402
@@ -76,6 +77,26 @@ IDENTIFIERS = (
     "hjx",
     "fzq",
 )  # DreamBooth rare words
+
+
+@dataclass
+class Variant:
+    """Perfusion's ablation options (docs/method.md, "Edit options") and the one-shot / auto-β rows."""
+
+    edit: str = "paper"
+    key_lock: str = "paper"
+    covariance_positions: str = "text"
+    one_shot: bool = False  # also train Perfusion on 1 example view ("perfusion (1 image)" rows)
+    auto_beta: bool = False  # also pick each concept's β on validation prompts ("perfusion (auto β)" rows)
+
+    def training_options(self) -> dict:
+        return {"edit": self.edit, "key_lock": self.key_lock, "covariance_positions": self.covariance_positions}
+
+
+# Validation prompts for --beta auto: none of them is a benchmark prompt (nothing is tuned on those).
+AUTO_BETA_PROMPTS = ("a {} on a red background", "a large {} on a white background", "a {} and a cat face")
+ONE_SHOT = "perfusion (1 image)"
+AUTO_BETA = "perfusion (auto β)"
 
 
 @dataclass
@@ -155,19 +176,36 @@ def benchmark_concepts(data: Path, count: int, style: str = "noto") -> dict[str,
     return {name: (splits[name], by_name[name]) for name in names}
 
 
-def train_all(pipe, model: str, concepts: dict, settings: Settings, work: Path, covariance: str | None, log) -> dict:
-    """Train (or reuse) every concept × method; returns {(name, method): (Personalization, seconds)}."""
+def train_all(
+    pipe,
+    model: str,
+    concepts: dict,
+    settings: Settings,
+    work: Path,
+    covariance: str | None,
+    log,
+    variant: Variant | None = None,
+) -> dict:
+    """Train (or reuse) every concept × method; returns {(name, method): (Personalization, seconds)}.
+
+    Perfusion trains with ``variant``'s options; with ``variant.one_shot`` it is also trained on the
+    first example view alone, as method ``ONE_SHOT``.
+    """
+    variant = variant or Variant()
     trained = {}
+    methods = tuple(settings.methods) + ((ONE_SHOT,) if variant.one_shot else ())
     for index, (name, (superclass, _)) in enumerate(concepts.items()):
-        instance = work / "instances" / slug(name)
-        for method in settings.methods:
-            output = work / "concepts" / method / slug(name)
+        for method in methods:
+            instance = work / ("instances-1" if method == ONE_SHOT else "instances") / slug(name)
+            output = work / "concepts" / slug(method) / slug(name)
             record = output / "benchmark_training.json"
+            options = variant.training_options() if method in ("perfusion", ONE_SHOT) else {}
             wanted = {
                 "steps": settings.steps,
                 "batch": settings.batch,
                 "accumulation": settings.accumulation,
                 "model": model,
+                **{k: v for k, v in options.items() if v != Variant().training_options()[k]},
             }
             if record.is_file() and json.loads(record.read_text()).get("settings") == wanted:
                 item = Personalization.from_path(output)
@@ -186,11 +224,12 @@ def train_all(pipe, model: str, concepts: dict, settings: Settings, work: Path, 
                 covariance=covariance,
                 progress=False,
                 seed=index,
+                **options,
             )
             started = time.perf_counter()
             train(
                 config,
-                method=method,
+                method="perfusion" if method == ONE_SHOT else method,
                 pipe=pipe,
                 options=BaselineOptions(identifier=IDENTIFIERS[index % len(IDENTIFIERS)]),
             )
@@ -273,6 +312,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--accumulation", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds per prompt")
+    parser.add_argument("--betas", type=float, nargs="+", default=None, help="Perfusion β sweep, local lock")
+    parser.add_argument(
+        "--global_betas", type=float, nargs="*", default=None, help="β sweep, global lock (none given: skip global)"
+    )
+    parser.add_argument("--inference_steps", type=int, default=None, help="denoising steps per image")
+    parser.add_argument("--pairs", type=int, default=None, help="number of two-concept pairs")
+    parser.add_argument("--pair_seeds", type=int, default=None, help="seeds per pair")
+    parser.add_argument("--edit", choices=EDITS, default="paper", help="Perfusion's edit form (docs/method.md)")
+    parser.add_argument("--key_lock", choices=KEY_LOCKS, default="paper", help="Perfusion's key lock")
+    parser.add_argument(
+        "--covariance_positions", choices=COVARIANCE_POSITIONS, default="text", help="positions C is estimated over"
+    )
+    parser.add_argument("--one_shot", action="store_true", help="add a row: Perfusion trained on 1 example view")
+    parser.add_argument(
+        "--beta",
+        choices=("sweep", "auto"),
+        default="sweep",
+        help="auto: also pick each concept's β on validation prompts (harmonic mean of the alignments)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -285,6 +343,17 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.seeds:
         overrides["seeds"] = tuple(range(args.seeds))
+    if args.pair_seeds:
+        overrides["pair_seeds"] = tuple(range(args.pair_seeds))
+    if args.inference_steps:
+        overrides["inference_steps"] = args.inference_steps
+    if args.pairs is not None:
+        overrides["pairs"] = args.pairs
+    if args.betas:
+        overrides["local_betas"] = tuple(args.betas)
+    if args.global_betas is not None:
+        overrides["global_betas"] = tuple(args.global_betas)
+    variant = Variant(args.edit, args.key_lock, args.covariance_positions, args.one_shot, args.beta == "auto")
     settings = Settings(
         **{**settings.__dict__, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}}
     )
@@ -308,6 +377,15 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = EMBEDDED_MODELS.get(args.model, Path(args.model))
     covariance = model_dir / "covariance.safetensors"
     covariance = str(covariance) if covariance.is_file() else None
+    if variant.covariance_positions != "text":
+        from keylocked.covariance import estimate_covariance
+
+        covariance_path = work / f"covariance-{variant.covariance_positions}.safetensors"
+        if not covariance_path.is_file():
+            estimate_covariance(
+                pipe.text_encoder, pipe.tokenizer, positions=variant.covariance_positions, progress=False
+            ).save(covariance_path)
+        covariance = str(covariance_path)
     trained_flag = (
         json.loads((model_dir / "export_info.json").read_text()).get("trained")
         if (model_dir / "export_info.json").is_file()
@@ -334,16 +412,35 @@ def main(argv: list[str] | None = None) -> None:
         for i, view in enumerate(views):
             view.save(folder / f"{i:02d}.png")
         references[name] = views
+        if variant.one_shot:
+            one = work / "instances-1" / slug(name)
+            one.mkdir(parents=True, exist_ok=True)
+            views[0].save(one / "00.png")
 
     # -- train every method on every concept (same steps, batch, data) -----------------------
-    trained = train_all(pipe, args.model, concepts, settings, work, covariance, log)
+    trained = train_all(pipe, args.model, concepts, settings, work, covariance, log, variant)
+    auto_betas = {}
+    if variant.auto_beta and "perfusion" in settings.methods:
+        from keylocked.autobeta import BetaSearch, embedder_scorer, tune_beta
+
+        search = BetaSearch(
+            betas=settings.local_betas,
+            prompts=AUTO_BETA_PROMPTS,
+            num_inference_steps=settings.inference_steps,
+            guidance_scale=settings.guidance,
+        )
+        for name in concepts:
+            item = trained[(name, "perfusion")][0]
+            result = tune_beta(pipe, item.path, embedder_scorer(embedder, references[name]), search, covariance)
+            auto_betas[name] = result.beta
+            log(f"auto β {name:<16} {result.beta:g}  (harmonic means {result.harmonic_means})")
 
     # -- generate and score ------------------------------------------------------------------
     config = EvalConfig(
         prompts=settings.prompts,
         seeds=settings.seeds,
         betas=settings.local_betas,
-        locks=("local", "global"),
+        locks=("local", "global") if settings.global_betas else ("local",),
         global_betas=settings.global_betas,
         lora_scales=settings.lora_scales,
         num_inference_steps=settings.inference_steps,
@@ -356,6 +453,21 @@ def main(argv: list[str] | None = None) -> None:
         for name in concepts
     ]
     rows = evaluate(pipe, items, embedder, config, covariance=covariance, log=log)
+    # the extra Perfusion rows: evaluated as Perfusion, then labelled apart in the summary
+    if variant.one_shot:
+        one_shot = [EvalItem(n, concepts[n][0], references[n], trained[(n, ONE_SHOT)][0]) for n in concepts]
+        one_shot_config = EvalConfig(**{**config.__dict__, "locks": ("local",)})
+        rows += [
+            {**r, "method": ONE_SHOT}
+            for r in evaluate(pipe, one_shot, embedder, one_shot_config, covariance=covariance, log=log)
+        ]
+    for name, beta in auto_betas.items():
+        auto_config = EvalConfig(**{**config.__dict__, "betas": (beta,), "locks": ("local",)})
+        item = EvalItem(name, concepts[name][0], references[name], trained[(name, "perfusion")][0])
+        rows += [
+            {**r, "method": AUTO_BETA, "beta": None}
+            for r in evaluate(pipe, [item], embedder, auto_config, covariance=covariance, log=log)
+        ]
 
     # -- several concepts trained apart, prompted together ------------------------------------
     thresholds = presence_thresholds(
@@ -391,10 +503,9 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # -- files ---------------------------------------------------------------------------------
-    sizes = {
-        method: {name: trained[(name, method)][0].size_bytes() for name in concepts} for method in settings.methods
-    }
-    times = {method: {name: round(trained[(name, method)][1], 2) for name in concepts} for method in settings.methods}
+    trained_methods = list(dict.fromkeys(method for _, method in trained))
+    sizes = {method: {name: trained[(name, method)][0].size_bytes() for name in concepts} for method in trained_methods}
+    times = {method: {name: round(trained[(name, method)][1], 2) for name in concepts} for method in trained_methods}
     extra = {
         "model": args.model,
         "model_trained": trained_flag,
@@ -402,6 +513,8 @@ def main(argv: list[str] | None = None) -> None:
         "device": args.device,
         "threads": torch.get_num_threads(),
         "concepts": {n: s for n, (s, _) in concepts.items()},
+        "variant": variant.__dict__,
+        "auto_betas": auto_betas,
     }
     write_results(rows, output, embedder_name=embedder.name, extra=extra)
     (output / "training.json").write_text(

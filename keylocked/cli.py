@@ -1,7 +1,7 @@
 """The ``keylocked`` command: argv -> config dataclass -> library function, nothing else.
 
-Verbs: covariance, train, generate, inspect, evaluate, demo. Flags are spelled as in diffusers'
-training scripts (``--pretrained_model_name_or_path``, ``--train_batch_size``); those of
+Verbs: covariance, train, generate, inspect, evaluate, demo, tune-beta. Flags are spelled as in
+diffusers' training scripts (``--pretrained_model_name_or_path``, ``--train_batch_size``); those of
 ``train``, ``generate``, ``evaluate`` and ``demo`` are generated from their config dataclasses'
 fields, so they cannot drift from them. Every failure is one ``error:`` line and an
 :class:`ExitCode` (docs/cli.md); ``--debug`` adds the traceback.
@@ -60,6 +60,9 @@ TRAIN_HELP = {
     "inference_beta": "recommended inference beta written into the concept file",
     "inference_tau": "recommended inference tau written into the concept file",
     "gradient_checkpointing": "recompute UNet activations in the backward pass: less GPU memory, slower steps",
+    "edit": "edit form: 'paper' (W e⊥ + σ·o*) or 'gated_residual' (W e + σ·(o* − W i*)); see docs/method.md",
+    "key_lock": "key lock: 'paper' (as Eq. 3 gives) or 'exact' (the concept token's key is the super-category's)",
+    "covariance_positions": "positions of the default covariance: 'text' (start, words, end) or 'all' (+ padding)",
 }
 GENERATE_FLAGS: dict[str, dict[str, Any]] = {
     "concepts": dict(
@@ -154,7 +157,10 @@ def _covariance(args: argparse.Namespace) -> None:
         raise KeylockedError(f"--output {output} is a folder; give a file name")
     pipe = load_pipeline(args.pretrained_model_name_or_path)
     covariance = estimate_covariance(
-        text_stack(pipe), prompts=captions, corpus_name=str(args.captions) if args.captions else None
+        text_stack(pipe),
+        prompts=captions,
+        corpus_name=str(args.captions) if args.captions else None,
+        positions=args.positions,
     )
     covariance.save(output)
     for label in ("count", "condition_number", "ridge", "corpus"):
@@ -166,15 +172,53 @@ def _covariance(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from .training import train
 
+    config = dataclass_from_args(TrainConfig, args)
+    if args.beta == "auto" and args.method != "perfusion":
+        raise KeylockedError("--beta auto applies to --method perfusion only")
     if args.register:
         _check_register(args)
-    path = train(dataclass_from_args(TrainConfig, args), method=args.method)
+    path = train(config, method=args.method)
     print(path)
+    if args.beta == "auto":  # before registering: the library stores the file with its chosen β
+        _print_beta_choice(
+            _auto_beta(config.pretrained_model_name_or_path, path, config.instance_data_dir, args, config.covariance)
+        )
     if args.register:
         from .library.resolve import register_version
 
         version = register_version(path, args.register, project=args.project, api_key=args.api_key)
         print(f"registered {version.reference} ({version.status})")
+
+
+def _auto_beta(model: str, concept: str, references: str, args: argparse.Namespace, covariance: str | None):
+    from .autobeta import BetaSearch, tune_concept_file
+
+    search = BetaSearch(
+        betas=tuple(args.betas), num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale
+    )
+    return tune_concept_file(model, concept, references, args.embedder, search, covariance)
+
+
+def _print_beta_choice(choice) -> None:
+    for beta in sorted(choice.harmonic_means):
+        print(
+            f"beta {beta:<5g} image {choice.image_alignment[beta]:.4f} text {choice.text_alignment[beta]:.4f} "
+            f"harmonic mean {choice.harmonic_means[beta]:.4f}{'  <- chosen' if beta == choice.beta else ''}"
+        )
+    print(f"recommended beta {choice.beta:g} written into the concept file")
+
+
+def _tune_beta(args: argparse.Namespace) -> None:
+    _print_beta_choice(
+        _auto_beta(args.pretrained_model_name_or_path, args.concept, args.instance_data_dir, args, args.covariance)
+    )
+
+
+def _add_beta_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--betas", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9], help="β grid searched")
+    parser.add_argument(
+        "--embedder", default="emoji", help="scorer: 'emoji' (the shipped emoji evaluator) or a local CLIP folder"
+    )
 
 
 def _check_register(args: argparse.Namespace) -> None:
@@ -245,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--captions", help="text file, one caption per line (default: prompts built from the tokenizer's vocabulary)"
     )
     covariance.add_argument("--output", required=True, help="covariance file to write (.safetensors)")
+    covariance.add_argument(
+        "--positions", default="text", choices=("text", "all"), help="'text' (start, words, end) or 'all' (+ padding)"
+    )
     covariance.set_defaults(handler=_covariance)
 
     train = verbs.add_parser("train", help="train one concept")
@@ -255,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TRAIN_METHODS,
         help="perfusion (default) or a baseline in the same data pipeline (keylocked.training.methods)",
     )
+    train.add_argument(
+        "--beta",
+        choices=("auto",),
+        default=None,
+        help="auto: after training, choose the recommended beta by the harmonic mean of image and text alignment",
+    )
+    _add_beta_search_arguments(train)
     train.add_argument(
         "--register", metavar="NAME", help="add the result to the concept library as a new draft version"
     )
@@ -283,9 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(demo, DemoConfig)
     demo.set_defaults(handler=_demo)
 
+    tune = verbs.add_parser(
+        "tune-beta", help="choose a concept's recommended beta on validation prompts and write it into the file"
+    )
+    tune.add_argument("--pretrained_model_name_or_path", required=True)
+    tune.add_argument("--concept", required=True, help="the concept file to tune (rewritten in place)")
+    tune.add_argument("--instance_data_dir", required=True, help="the concept's training images (image alignment)")
+    tune.add_argument("--covariance", default=None)
+    tune.add_argument("--num_inference_steps", type=int, default=25)
+    tune.add_argument("--guidance_scale", type=float, default=7.5)
+    _add_beta_search_arguments(tune)
+    tune.set_defaults(handler=_tune_beta)
     from .library.cli import add_library_parser
+    from .serving.cli import add_serve_parser
 
     add_library_parser(verbs, debug_help=DEBUG_HELP)
+    add_serve_parser(verbs)
     for verb in verbs.choices.values():  # `keylocked train ... --debug` works too (SUPPRESS: keeps a global --debug)
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser

@@ -14,10 +14,12 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .base_model import KeylockedError
+from .edit_options import EDITS, KEY_LOCKS
 from .io import read_safetensors_header, save_safetensors
 from .text_stack import TEXT_STACKS
 from .validation import (
     check_beta,
+    check_choice,
     check_finite_tensor,
     check_float_dtype,
     check_format_version,
@@ -56,6 +58,8 @@ class Concept:
     beta: float = 0.7  # recommended inference values
     temperature: float = 0.15
     training: dict[str, Any] = field(default_factory=dict)
+    edit: str = "paper"  # edit form trained with (edit_options.EDITS); the default at inference
+    key_lock: str = "paper"  # key lock trained with (edit_options.KEY_LOCKS)
 
     def __post_init__(self) -> None:
         if isinstance(self.token_embeddings, Tensor):
@@ -66,6 +70,8 @@ class Concept:
         for name in ("train_temperature", "temperature"):
             setattr(self, name, check_tau(getattr(self, name), name))
         check_concept_shapes({name: tuple(t.shape) for name, t in self.tensors().items()})
+        check_choice("edit", self.edit, EDITS)
+        check_choice("key_lock", self.key_lock, KEY_LOCKS)
 
     @property
     def name(self) -> str:
@@ -105,6 +111,8 @@ class Concept:
             "beta": repr(self.beta),
             "tau": repr(self.temperature),
             "training": json.dumps(self.training, sort_keys=True),
+            "edit": self.edit,
+            "key_lock": self.key_lock,
         }
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
@@ -142,6 +150,8 @@ class Concept:
             beta=metadata["beta"],
             temperature=metadata["tau"],
             training=metadata["training"],
+            edit=metadata["edit"],
+            key_lock=metadata["key_lock"],
         )
 
 
@@ -238,6 +248,9 @@ def parse_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> dict[st
     if not isinstance(training, dict):
         raise KeylockedError(f"{path}: training must be a JSON object, got {metadata.get('training')!r:.80}")
     parsed["training"] = training
+    # files written before these options existed used the paper's forms
+    parsed["edit"] = check_choice(f"{path}: edit", metadata.get("edit", "paper"), EDITS)
+    parsed["key_lock"] = check_choice(f"{path}: key_lock", metadata.get("key_lock", "paper"), KEY_LOCKS)
     return parsed
 
 

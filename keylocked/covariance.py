@@ -4,7 +4,8 @@ Which positions enter C: every position the tokenizer marks as real text (attent
 the start token, the words and the end token; padding is left out. The edit is applied to
 every position, but padding rows are near-copies of the end token whose count depends only
 on ``model_max_length``; counting them would weight C by prompt length rather than by
-content. See docs/method.md.
+content. ``positions="all"`` counts them too (every position cross-attention sees), an
+ablation option (docs/method.md).
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ from .base_model import KeylockedError
 from .io import read_safetensors_header, save_safetensors
 from .perfusion import SecondMomentAccumulator, invert_covariance
 from .text_stack import TextStack, as_text_stack
-from .validation import check_covariance_inverse, check_finite_tensor, check_float_dtype, check_format_version
+from .validation import (
+    check_choice,
+    check_covariance_inverse,
+    check_finite_tensor,
+    check_float_dtype,
+    check_format_version,
+)
 
 FORMAT_NAME = "keylocked.covariance"
 FORMAT_VERSION = 1
 TENSOR_NAME = "input_covariance_inv"
 MAX_DIM = 1 << 14  # wider than any text encoder; bounds what a header may make us allocate
 TOKEN_RULE = "attention-mask positions (start, words, end; no padding)"
+TOKEN_RULES = {"text": TOKEN_RULE, "all": "all positions (start, words, end, padding)"}
 VOCAB_TEMPLATES = (
     "a photo of a {}",
     "a {} on a table",
@@ -152,19 +160,24 @@ def estimate_covariance(
     ridge: float = 1e-4,
     corpus_name: str | None = None,
     progress: bool = True,
+    positions: str = "text",
 ) -> Covariance:
-    """C = E[e eᵀ] over the real-text positions of a caption corpus (float64), then C⁻¹.
+    """C = E[e eᵀ] over the real-text positions (``positions="all"``: every position) of a
+    caption corpus (float64), then C⁻¹.
 
     ``text``: the model's text stack (SDXL: the two encoders' concatenated encodings, 2048-d),
     or one text encoder and its ``tokenizer``.
     """
+    check_choice("covariance positions", positions, tuple(TOKEN_RULES))
     stack = as_text_stack(text, tokenizer)
     prompts = list(prompts) if prompts is not None else vocabulary_prompts(stack.tokenizer)
     corpus_name = corpus_name or ("tokenizer-vocabulary-templates" if prompts else "empty")
     accumulator = SecondMomentAccumulator(stack.d_text)
     for start in tqdm(range(0, len(prompts), batch_size), desc="covariance", disable=not progress, unit="batch"):
         encoded = stack.encode(prompts[start : start + batch_size])
-        accumulator.update(encoded.encodings[encoded.attention_mask.bool()])  # (N_real, d_text)
+        encodings = encoded.encodings  # (B, T, d_text)
+        rows = encodings[encoded.attention_mask.bool()] if positions == "text" else encodings.reshape(-1, stack.d_text)
+        accumulator.update(rows)  # (N, d_text)
     if accumulator.count == 0:
         raise KeylockedError("the covariance corpus is empty: no text positions were encoded")
     moment = check_finite_tensor("the text encoder's outputs (covariance)", accumulator.second_moment())
@@ -176,7 +189,7 @@ def estimate_covariance(
     info = {
         "corpus": corpus_name,
         "num_prompts": str(len(prompts)),
-        "token_rule": TOKEN_RULE,
+        "token_rule": TOKEN_RULES[positions],
         "count": str(accumulator.count),
         "ridge": repr(added_ridge),
         "condition_number": f"{condition:.6g}",
@@ -207,13 +220,19 @@ def _bundled_covariances() -> list[Path]:
 
 
 def default_covariance(
-    text: TextStack | nn.Module, tokenizer=None, progress: bool = True, model_dir: str | os.PathLike | None = None
+    text: TextStack | nn.Module,
+    tokenizer=None,
+    progress: bool = True,
+    model_dir: str | os.PathLike | None = None,
+    positions: str = "text",
 ) -> Covariance:
     """The text stack's covariance: one bundled with the model (``model_dir`` or an embedded
-    model) if its fingerprint matches, else the vocabulary-corpus one, computed once and cached."""
+    model) if its fingerprint and position rule match, else the vocabulary-corpus one, computed
+    once and cached."""
     stack = as_text_stack(text, tokenizer)
     fingerprint = stack.fingerprint()
-    path = cache_dir() / f"{fingerprint[:32]}-vocab-v{FORMAT_VERSION}.safetensors"
+    suffix = "" if positions == "text" else f"-{positions}"
+    path = cache_dir() / f"{fingerprint[:32]}-vocab{suffix}-v{FORMAT_VERSION}.safetensors"
     candidates = ([Path(model_dir) / BUNDLED_FILENAME] if model_dir else []) + _bundled_covariances() + [path]
     for candidate in candidates:
         if candidate.is_file():
@@ -221,9 +240,10 @@ def default_covariance(
                 covariance = Covariance.load(candidate)
             except KeylockedError:
                 continue  # a corrupt cache entry is recomputed
-            if covariance.text_encoder_fingerprint == fingerprint:
+            rule = covariance.info.get("token_rule", TOKEN_RULE)
+            if covariance.text_encoder_fingerprint == fingerprint and rule == TOKEN_RULES[positions]:
                 return covariance
-    covariance = estimate_covariance(stack, progress=progress)
+    covariance = estimate_covariance(stack, progress=progress, positions=positions)
     try:
         covariance.save(path)
     except (OSError, KeylockedError):
@@ -237,11 +257,12 @@ def resolve_covariance(
     path: str | os.PathLike | None = None,
     progress: bool = True,
     model_dir: str | os.PathLike | None = None,
+    positions: str = "text",
 ) -> Covariance:
-    """The covariance at ``path`` (checked against the text stack), or the default one."""
+    """The covariance at ``path`` (checked against the text stack), or the default one over ``positions``."""
     stack = as_text_stack(text, tokenizer)
     if path is None:
-        return default_covariance(stack, progress=progress, model_dir=model_dir)
+        return default_covariance(stack, progress=progress, model_dir=model_dir, positions=positions)
     covariance = Covariance.load(path, dim=stack.d_text)
     fingerprint = stack.fingerprint()
     if covariance.text_encoder_fingerprint and covariance.text_encoder_fingerprint != fingerprint:

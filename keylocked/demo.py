@@ -201,6 +201,22 @@ def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
         },
         "threads": torch.get_num_threads(),
     }
+    # issue 13's proxy for "a person recognises the concept": per column, evaluator alignment vs baseline, retrieval
+    from .evaluation.demo_metrics import demo_proxy_metrics
+    from .evaluation.demo_metrics import markdown as proxy_markdown
+
+    proxy = demo_proxy_metrics(
+        references,
+        concept_images,
+        baseline_images,
+        [label for label, _ in rows],
+        config.concept,
+        config.pretrained_model_name_or_path,
+    )
+    numbers["columns_above_superclass_baseline"] = proxy["columns_above_baseline"]
+    numbers["columns_concept_retrieved_top1"] = (
+        f"{proxy['columns_retrieved_top1']} of {proxy['retrieval_candidates']} held-out"
+    )
     grid = image_grid(
         concept_images + baseline_images,
         columns=len(rows),
@@ -220,9 +236,12 @@ def run_demo(config: DemoConfig, pipe=None) -> DemoResult:
     for picture, path in ((grid, grid_path), (sweep, sweep_path), (views, views_path)):
         with atomic_path(path) as tmp:
             picture.save(tmp, format="PNG")
-    atomic_write_text(output_dir / "numbers.json", json.dumps({"config": asdict(config), "numbers": numbers}, indent=2))
+    atomic_write_text(
+        output_dir / "numbers.json",
+        json.dumps({"config": asdict(config), "numbers": numbers, "proxy": proxy}, indent=2),
+    )
     report = output_dir / "report.md"
-    atomic_write_text(report, _report(config, numbers, superclass))
+    atomic_write_text(report, _report(config, numbers, superclass) + "\n" + proxy_markdown(proxy, proxy["embedder"]))
     stages.update(1)
     stages.close()
     return DemoResult(output_dir, grid_path, concept_path, report, numbers)

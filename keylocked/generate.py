@@ -13,9 +13,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from .base_model import KeylockedError, tokenize
 from .concept import read_metadata
+from .edit_options import EDITS, KEY_LOCKS
 from .io import atomic_path
 from .loading import load_concepts, pipeline_fingerprint, unload_concepts
-from .validation import check_beta, check_non_negative, check_tau
+from .validation import check_beta, check_choice, check_non_negative, check_tau
 from .visual import image_grid
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class GenerateConfig:
     beta: float | list[float] | None = None  # one for all, one per concept, or None: each file's recommendation
     tau: float | list[float] | None = None
     lock: Literal["local", "global"] = "local"
+    edit: str | None = None  # "paper" | "gated_residual"; None: the form the concepts were trained with
+    key_lock: str | None = None  # "paper" | "exact"; None: the form the concepts were trained with
     num_images: int = 4
     seed: int = 0  # image i uses seed + i
     num_inference_steps: int = 25
@@ -51,6 +54,10 @@ class GenerateConfig:
         self.tau = self._per_concept("tau", self.tau, check_tau)
         if self.lock not in ("local", "global"):
             raise KeylockedError(f"lock must be 'local' or 'global', got {self.lock!r}")
+        if self.edit is not None:
+            check_choice("edit", self.edit, EDITS)
+        if self.key_lock is not None:
+            check_choice("key_lock", self.key_lock, KEY_LOCKS)
         for name in ("num_images", "num_inference_steps"):
             if getattr(self, name) < 1:
                 raise KeylockedError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -112,6 +119,8 @@ def generate(config: GenerateConfig, pipe=None, api_key: str | None = None) -> l
         beta=_by_token(config.beta, tokens),
         tau=_by_token(config.tau, tokens),
         lock=config.lock,
+        edit=config.edit,
+        key_lock=config.key_lock,
         covariance=config.covariance,
         strict=not config.allow_other_base_model,
     )

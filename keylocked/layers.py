@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base_model import KeylockedError
-from .perfusion import keylocked_projection
+from .edit_options import ConceptPositions
+from .perfusion import keylocked_projection, lock_concept_keys
 from .rows import ConceptOptions, RowPlan
 
 Lock = Literal["local", "global"]
@@ -53,6 +54,9 @@ class KeyLockedContext:
     encoder_widths: list[int] = field(default_factory=list)  # per text encoder; empty: one encoder
     revision: int = 0  # bumped on every change, invalidates the per-prompt caches
     row_plan: RowPlan | None = None  # per-row concept sets for the current call (keylocked.rows)
+    edit: str = "paper"  # perfusion.EDIT_FORMS: "paper" | "gated_residual"
+    key_lock: str = "paper"  # "paper" | "exact" (edit_options.KEY_LOCKS)
+    positions: ConceptPositions = field(default_factory=ConceptPositions)  # concept tokens by id, for "exact"
     # layer path -> wrapped to_v, registered by install_keylocked_layers
     value_layers: dict[str, KeyLockedLinear] = field(default_factory=dict)
 
@@ -119,8 +123,11 @@ class KeyLockedContext:
         tau: Mapping[str, float] | None = None,
         lock: Lock | None = None,
         active: Iterable[str] | None = None,
+        edit: str | None = None,
+        key_lock: str | None = None,
     ) -> None:
-        """Change per-concept β/τ ({token: value}), the lock mode or the active set (callers validate)."""
+        """Change per-concept β/τ ({token: value}), the lock mode, the active set, the edit form or the
+        key lock (callers validate)."""
         unknown = sorted((set(beta or ()) | set(tau or ()) | set(active or ())) - set(self.concepts))
         if unknown:
             raise KeylockedError(f"unknown concept token(s) {unknown}; loaded: {sorted(self.concepts)}")
@@ -132,6 +139,10 @@ class KeyLockedContext:
             self.lock = lock
         if active is not None:
             self.active = set(active)
+        if edit is not None:
+            self.edit = edit
+        if key_lock is not None:
+            self.key_lock = key_lock
         self.touch()
 
     def active_names(self) -> list[str]:
@@ -273,7 +284,7 @@ class KeyLockedLinear(WrappedLinear):
         context = self.context
         names = [option.name for option in options]
         device = encodings.device
-        return keylocked_projection(
+        output = keylocked_projection(
             encodings,
             self.base_layer,
             concept_inputs=torch.stack([context.concepts[name].concept_input for name in names]).to(device),
@@ -281,7 +292,13 @@ class KeyLockedLinear(WrappedLinear):
             input_covariance_inv=context.input_covariance_inv.to(device),
             beta=torch.tensor([option.beta for option in options], device=device),
             temperature=torch.tensor([option.temperature for option in options], device=device),
+            edit=context.edit,
         )
+        if self.role == "key" and context.key_lock == "exact":
+            superclass = torch.stack([context.concepts[name].superclass_input for name in names])  # (n, d)
+            locked_keys = self.base_layer(superclass.to(output))  # (n, out) b + W_K i*_super
+            output = lock_concept_keys(output, context.positions.lookup(encodings, names), locked_keys)
+        return output
 
     def _edit_rows(self, encodings: Tensor, plan: RowPlan) -> Tensor:
         """Each group of rows with one concept set edited with exactly that set (None: base layer)."""

@@ -16,11 +16,13 @@ from torch import Tensor, nn
 from .base_model import KeylockedError, cross_attention_layers
 from .concept import Concept, ConceptDims, check_concept_shapes
 from .covariance import Covariance, pipeline_folder, resolve_covariance
+from .edit_options import EDITS, KEY_LOCKS, track_concept_positions
 from .layers import KeyLockedContext, KeyLockedLinear, Lock, WrappedLinear
 from .perfusion import concept_correlation
 from .text_stack import StackSnapshot, TextStack, text_stack
 from .validation import (
     check_beta,
+    check_choice,
     check_concept_inputs,
     check_covariance_inverse,
     check_finite_tensor,
@@ -169,6 +171,8 @@ def load_concepts(
     lock: Lock = "local",
     covariance: str | os.PathLike | Covariance | None = None,
     strict: bool = True,
+    edit: str | None = None,
+    key_lock: str | None = None,
     project: str | None = None,
     api_key: str | None = None,
 ) -> list[str]:
@@ -177,7 +181,9 @@ def load_concepts(
     ``beta``/``tau`` are a float for all concepts, a {token: value} mapping, or None for
     each concept's recommended values. Lower beta = stronger concept; higher = closer to the
     prompt. ``lock`` is "local" (default) or "global". Call ``unload_concepts`` to restore
-    the stock pipeline. A concept may also be a library reference (``acme-mug``, ``acme-mug@3``),
+    the stock pipeline. ``edit`` ("paper" | "gated_residual") and ``key_lock`` ("paper" |
+    "exact") select the edit's variant (docs/method.md); None: the form the concepts were trained with.
+    A concept may also be a library reference (``acme-mug``, ``acme-mug@3``),
     checked for ``project`` with ``api_key`` (default ``$KEYLOCKED_API_KEY``).
     """
     if isinstance(concepts, (str, os.PathLike, Concept)):
@@ -200,6 +206,8 @@ def load_concepts(
     if not loaded:
         raise KeylockedError("no concepts given")
     installation = _installation(pipe)
+    edit = _edit_option("edit", edit, [c.edit for c in loaded], EDITS, installation)
+    key_lock = _edit_option("key_lock", key_lock, [c.key_lock for c in loaded], KEY_LOCKS, installation)
     known = [c.placeholder_token for c in loaded] + list(installation.concepts if installation else ())
     beta = check_per_concept("beta", beta, known, check_beta)
     tau = check_per_concept("tau", tau, known, check_tau)
@@ -249,8 +257,12 @@ def load_concepts(
         installation.hooks.append(
             stack.text_encoders[0].register_forward_hook(_row_plan_hook(installation), with_kwargs=True)
         )
+        installation.hooks.append(track_concept_positions(stack.text_encoders[0], context.positions))
     token_ids = stack.add_tokens({c.placeholder_token: c.token_embeddings for c in loaded})
     installation.token_ids.update(token_ids)
+    installation.context.positions.token_ids.update(
+        {token: ids[0] for token, ids in token_ids.items()}
+    )  # encoder 1 ids
     installation.superclass_ids.update(superclass_ids)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     context = installation.context
@@ -266,14 +278,33 @@ def load_concepts(
             tau=_per_concept(tau, token, concept.temperature),
             value_targets_by_layer={name: t.to(device, dtype) for name, t in concept.value_targets.items()},
         )
-    context.set_options(lock=lock)
+    context.set_options(lock=lock, edit=edit, key_lock=key_lock)
     return tokens
 
 
+def _edit_option(name: str, value: str | None, trained: list[str], choices, installation) -> str:
+    """An explicit choice, else what is in force, else the form every concept was trained with."""
+    if value is not None:
+        return check_choice(name, value, choices)
+    if installation is not None:
+        return getattr(installation.context, name)
+    if len(set(trained)) > 1:
+        raise KeylockedError(
+            f"the concepts were trained with different {name} forms {sorted(set(trained))}; pass {name}="
+        )
+    return trained[0]
+
+
 def set_concept_options(
-    pipe, beta: PerConcept = None, tau: PerConcept = None, lock: Lock | None = None, active: Iterable[str] | None = None
+    pipe,
+    beta: PerConcept = None,
+    tau: PerConcept = None,
+    lock: Lock | None = None,
+    active: Iterable[str] | None = None,
+    edit: str | None = None,
+    key_lock: str | None = None,
 ) -> None:
-    """Change β, τ, the lock mode or the active set of loaded concepts, without reloading."""
+    """Change β, τ, the lock mode, the edit form, the key lock or the active set, without reloading."""
     installation = _installation(pipe)
     if installation is None:
         raise KeylockedError("no keylocked concepts are loaded in this pipeline")
@@ -292,6 +323,8 @@ def set_concept_options(
         tau={token: _per_concept(tau, token, slot.temperature) for token, slot in context.concepts.items()},
         lock=lock,
         active=active,
+        edit=None if edit is None else check_choice("edit", edit, EDITS),
+        key_lock=None if key_lock is None else check_choice("key_lock", key_lock, KEY_LOCKS),
     )
 
 

@@ -13,7 +13,13 @@ Legend (paper symbol -> name used here; shapes in comments):
     e⊥       residual             (..., d)      e minus its C⁻¹-projection onto span{i*}
     β, τ     beta, temperature    (n,)          the sigmoid gate's bias and temperature
 
-    W'e = W e⊥ + Σ_c σ((s_c(e) − β_c) / τ_c) · o*_c
+    W'e = W e⊥ + Σ_c σ((s_c(e) − β_c) / τ_c) · o*_c                 edit form "paper"
+    W'e = W e  + Σ_c σ((s_c(e) − β_c) / τ_c) · (o*_c − W i*_c)       edit form "gated_residual"
+
+The gated residual leaves every token whose gate is 0 exactly at the stock ``W e`` (the paper's
+form moves every token by ``−s(e)·W i*``, whatever its gate). Both forms are one shape,
+``W (e − Σ_c a_c(e) i*_c) + Σ_c σ_c(e) o*_c``, differing only in the coefficient ``a_c``:
+the C⁻¹-projection coefficient (paper) or the gate itself (gated residual).
 
 With a single concept and the gate replaced by s(e), this is the ROME closed form
 ``W' = W + (o* − W i*)(C⁻¹ i*)ᵀ / (i*ᵀ C⁻¹ i*)`` (see ``rank_one_edit_weight``).
@@ -62,11 +68,11 @@ def concept_correlation(concept_inputs: Tensor, input_covariance_inv: Tensor) ->
     return gram / (scale[:, None] * scale[None, :])  # (n, n)  unit diagonal
 
 
-def remove_concept_directions(encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor:
-    """e⊥ = e − I a, with a = G⁻¹ Iᵀ C⁻¹ e the exact C⁻¹-orthogonal projection onto span{i*}.
+def projection_coefficients(encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor:
+    """a = G⁻¹ Iᵀ C⁻¹ e: the coefficients of the exact C⁻¹-orthogonal projection of e onto span{i*}.
 
-    For one concept this is e − s(e)·i*. The small Gram system keeps the multi-concept case
-    exact even when the concept inputs are not C⁻¹-orthogonal.
+    For one concept this is s(e). Shapes: encodings (..., d), concept_inputs (n, d) -> (..., n), in the
+    metric dtype (float32 or float64).
     """
     dtype = _metric_dtype(encodings, concept_inputs, input_covariance_inv)
     with torch.autocast(encodings.device.type, enabled=False):
@@ -75,14 +81,45 @@ def remove_concept_directions(encodings: Tensor, concept_inputs: Tensor, input_c
         metric_inputs = i_star @ input_covariance_inv.to(dtype)  # (n, d)
         gram = metric_inputs @ i_star.T  # (n, n)
         inner = e @ metric_inputs.T  # (..., n)  i*_cᵀ C⁻¹ e
-        coefficients = torch.linalg.solve(gram, inner.unsqueeze(-1)).squeeze(-1)  # (..., n)
-        residual = e - coefficients @ i_star  # (..., d)
+        return torch.linalg.solve(gram, inner.unsqueeze(-1)).squeeze(-1)  # (..., n)
+
+
+def _subtract_directions(encodings: Tensor, coefficients: Tensor, concept_inputs: Tensor) -> Tensor:
+    """e − Σ_c a_c i*_c in the coefficients' dtype, returned in the encodings' dtype."""
+    with torch.autocast(encodings.device.type, enabled=False):
+        dtype = coefficients.dtype
+        residual = encodings.to(dtype) - coefficients @ concept_inputs.to(dtype)  # (..., d)
     return residual.to(encodings.dtype)
+
+
+def remove_concept_directions(encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor) -> Tensor:
+    """e⊥ = e − I a, with a = G⁻¹ Iᵀ C⁻¹ e the exact C⁻¹-orthogonal projection onto span{i*}.
+
+    For one concept this is e − s(e)·i*. The small Gram system keeps the multi-concept case
+    exact even when the concept inputs are not C⁻¹-orthogonal.
+    """
+    coefficients = projection_coefficients(encodings, concept_inputs, input_covariance_inv)  # (..., n)
+    return _subtract_directions(encodings, coefficients, concept_inputs)  # (..., d)
 
 
 def concept_gate(scores: Tensor, beta: Tensor | float, temperature: Tensor | float) -> Tensor:
     """σ((s − β) / τ): ~0 for encodings unlike the concept, ~1 for the concept token."""
     return torch.sigmoid((scores - beta) / temperature)
+
+
+def _paper_coefficients(encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor, gates: Tensor):
+    return projection_coefficients(encodings, concept_inputs, input_covariance_inv)  # (..., n)
+
+
+def _gate_coefficients(encodings: Tensor, concept_inputs: Tensor, input_covariance_inv: Tensor, gates: Tensor):
+    return gates  # (..., n)
+
+
+# Edit form -> how much of each i* is taken out of e before W is applied (see the legend).
+EDIT_FORMS: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]] = {
+    "paper": _paper_coefficients,
+    "gated_residual": _gate_coefficients,
+}
 
 
 def keylocked_projection(
@@ -93,16 +130,33 @@ def keylocked_projection(
     input_covariance_inv: Tensor,
     beta: Tensor | float,
     temperature: Tensor | float,
+    edit: str = "paper",
 ) -> Tensor:
-    """W'e = W e⊥ + Σ_c σ((s_c(e) − β_c)/τ_c) · o*_c  (Eq. 3, multi-concept form).
+    """W'e = W e⊥ + Σ_c σ_c(e) · o*_c (Eq. 3, multi-concept form; ``edit="paper"``), or the gated
+    residual W'e = W e + Σ_c σ_c(e) · (o*_c − W i*_c) (``edit="gated_residual"``).
 
-    ``projection`` is the frozen base layer (``W``, with its bias if any), applied to e⊥.
+    ``projection`` is the frozen base layer (``W``, with its bias if any). The bias is applied
+    once, so it is not part of ``W i*``: the concept token (gate 1, e = i*) maps to b + o* in both forms.
     Shapes: encodings (..., d), concept_inputs (n, d), output_targets (n, out) -> (..., out).
     """
-    residual = remove_concept_directions(encodings, concept_inputs, input_covariance_inv)  # (..., d)
+    if edit not in EDIT_FORMS:
+        raise ValueError(f"edit must be one of {sorted(EDIT_FORMS)}, got {edit!r}")
     gates = concept_gate(concept_scores(encodings, concept_inputs, input_covariance_inv), beta, temperature)  # (..., n)
-    base = projection(residual)  # (..., out)
+    coefficients = EDIT_FORMS[edit](encodings, concept_inputs, input_covariance_inv, gates)  # (..., n)
+    base = projection(_subtract_directions(encodings, coefficients, concept_inputs))  # (..., out)
     return base + (gates.to(output_targets.dtype) @ output_targets).to(base.dtype)  # (..., out)
+
+
+def lock_concept_keys(keys: Tensor, positions: Tensor, locked_keys: Tensor) -> Tensor:
+    """Key lock "exact": at the positions of concept c's token, the key is exactly ``locked_keys[c]``.
+
+    keys (..., out), positions (..., n) bool (one column per concept; at most one true per row),
+    locked_keys (n, out) = b + W_K i*_super,c -> (..., out). Other positions are returned unchanged.
+    """
+    positions = positions.to(keys.device)
+    weights = positions.to(keys.dtype)  # (..., n)
+    replaced = weights @ locked_keys.to(keys.dtype)  # (..., out)
+    return torch.where(positions.any(-1, keepdim=True), replaced, keys)  # (..., out)
 
 
 def rank_one_edit_weight(

@@ -77,6 +77,13 @@ def check_per_concept(
     return check(value, name)
 
 
+def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> str:
+    """One of a fixed set of option names."""
+    if not isinstance(value, str) or value not in choices:
+        raise KeylockedError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------
 # Words and tensors.
 

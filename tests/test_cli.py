@@ -275,6 +275,7 @@ def test_train_flags_reach_the_concept(concept_b):
         "seed": 7,
         "resolution": None,
         "base_model": None,
+        "covariance_positions": "text",
     }
     from safetensors import safe_open
 

@@ -42,6 +42,10 @@ def test_demo_writes_grid_concept_and_report(tmp_path, capsys):
     assert set(numbers["beta_sweep_identity_similarity"]) == {"0.6", "0.8"}
     report = (out / "report.md").read_text()
     assert "![grid](grid.png)" in report and str(numbers["concept_bytes"]) in report
+    proxy = json.loads((out / "numbers.json").read_text())["proxy"]
+    assert [c["label"] for c in proxy["columns"]][0] == "alone" and len(proxy["columns"]) == 6
+    assert numbers["columns_above_superclass_baseline"] == proxy["columns_above_baseline"]
+    assert "Columns above the super-category baseline" in report
     assert not list(out.glob(".*tmp"))  # nothing half-written left behind
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 import keylocked
 from keylocked import KeylockedError
+from keylocked import images as data_module
 from keylocked.concept import Concept, read_metadata
 from keylocked.covariance import Covariance, estimate_covariance
 from keylocked.generate import GenerateConfig, generate
@@ -25,7 +26,6 @@ from keylocked.io import canonical_safetensors_bytes, read_safetensors_header
 from keylocked.layers import KeyLockedLinear
 from keylocked.loading import concept_dims, pipeline_fingerprint
 from keylocked.tokens import check_new_token
-from keylocked.training import data as data_module
 from keylocked.validation import (
     check_concept_inputs,
     check_covariance_inverse,

@@ -85,12 +85,12 @@ def run(inputs: EvaluateInputs, config, api_key: str | None = None) -> None:
 
     ``api_key`` (default ``$KEYLOCKED_API_KEY``) is for library references among the concepts.
     """
+    from ..images import load_instance_images
     from ..library.resolve import looks_like_reference, resolve_concept_sources
     from ..loading import pipeline_fingerprint
     from ..models import load_pipeline
     from ..personalizations import Personalization
     from ..quiet import no_loading_bars
-    from ..training.data import load_instance_images
     from .embedders import CLIPEmbedder, EmojiEvaluator
     from .evaluate import EvalItem, evaluate
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 
 from argon2 import PasswordHasher
@@ -34,9 +36,24 @@ def hash_secret(secret: str) -> str:
     return _HASHER.hash(secret)
 
 
+# secret_hash -> sha256 of the secret argon2 accepted for it, in this process only: a service
+# verifies each key once, not on every request (argon2 costs ~50-150 ms of CPU by design). The
+# key's row (revoked? scopes?) is still read on every call.
+_VERIFIED: dict[str, bytes] = {}
+
+
 def secret_matches(secret_hash: str, secret: str) -> bool:
-    """argon2's verify: recomputes the hash and compares in constant time."""
+    """argon2's verify (constant time), remembered per process for a secret it accepted."""
+    digest = hashlib.sha256(secret.encode()).digest()
+    known = _VERIFIED.get(secret_hash)
+    if known is not None and hmac.compare_digest(known, digest):
+        return True
     try:
-        return _HASHER.verify(secret_hash, secret)
+        matches = _HASHER.verify(secret_hash, secret)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
+    if matches:
+        if len(_VERIFIED) > 10_000:  # bounded: forget everything rather than grow without end
+            _VERIFIED.clear()
+        _VERIFIED[secret_hash] = digest
+    return matches

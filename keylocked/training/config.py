@@ -6,7 +6,16 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ..base_model import KeylockedError
-from ..validation import check_beta, check_finite, check_integer, check_non_negative, check_positive, check_tau
+from ..edit_options import COVARIANCE_POSITIONS, EDITS, KEY_LOCKS
+from ..validation import (
+    check_beta,
+    check_choice,
+    check_finite,
+    check_integer,
+    check_non_negative,
+    check_positive,
+    check_tau,
+)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -46,6 +55,9 @@ class TrainConfig:
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
     covariance: str | None = None
+    covariance_positions: str = "text"  # "text" | "all": positions of the default covariance (docs/method.md)
+    edit: str = "paper"  # "paper" (W e⊥ + σ·o*) | "gated_residual" (W e + σ·(o* − W i*)); stored in the concept
+    key_lock: str = "paper"  # "paper" | "exact" (concept token's key = W_K i*_super); stored in the concept
     concept_dtype: Literal["fp16", "fp32"] = "fp16"
     progress: bool = True
 
@@ -92,6 +104,9 @@ class TrainConfig:
             bad = [t for t in self.prompt_templates if t.count("{}") != 1]
             if not self.prompt_templates or bad:
                 raise KeylockedError(f"prompt_templates must each contain one '{{}}', got {bad or 'none'}")
+        check_choice("edit", self.edit, EDITS)
+        check_choice("key_lock", self.key_lock, KEY_LOCKS)
+        check_choice("covariance_positions", self.covariance_positions, COVARIANCE_POSITIONS)
         if not self.superclass_token.strip():
             raise KeylockedError("superclass_token must not be empty")
 

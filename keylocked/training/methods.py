@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..base_model import KeylockedError
 from ..concept import Concept
 from ..covariance import Covariance, pipeline_folder, resolve_covariance
+from ..edit_options import track_concept_positions
 from ..io import atomic_write_text, save_safetensors
 from ..layers import KeyLockedContext, effective_linear
 from ..loading import install_keylocked_layers, uninstall_keylocked_layers
@@ -189,6 +190,8 @@ class Perfusion(TrainingMethod):
         self.params: ConceptParameters | None = None
         self.installed_here = False
         self.previous_active: set[str] = set()
+        self.position_hook = None
+        self.previous_options: tuple[str, str] = ("paper", "paper")
         self.fingerprint = ""
 
     def check(self, pipe) -> None:
@@ -198,6 +201,7 @@ class Perfusion(TrainingMethod):
             path=self.config.covariance,
             progress=self.config.progress,
             model_dir=pipeline_folder(pipe),
+            positions=self.config.covariance_positions,
         )
         self.covariance, self.covariance_sha256 = covariance, covariance.sha256
 
@@ -221,6 +225,7 @@ class Perfusion(TrainingMethod):
             pipe.unet, self.covariance.inverse.to(run.device), text_stack(pipe).widths
         )
         self.previous_active = set(context.active)
+        self.previous_options = (context.edit, context.key_lock)
         initial_values = {
             name: effective_linear(layer.base_layer, superclass_input[None])[0].float()
             for name, layer in context.value_layers.items()
@@ -234,7 +239,12 @@ class Perfusion(TrainingMethod):
             config.train_tau,
             {name: params.value_target(name) for name in context.value_layers},
         )
-        context.set_options(active={config.placeholder_token})
+        context.set_options(active={config.placeholder_token}, edit=config.edit, key_lock=config.key_lock)
+        # the exact key lock finds the concept token by id in every prompt the text encoder encodes
+        context.positions.token_ids[config.placeholder_token] = pipe.tokenizer.convert_tokens_to_ids(
+            config.placeholder_token
+        )
+        self.position_hook = track_concept_positions(pipe.text_encoder, context.positions)
         return [
             {"params": list(params.token_embeddings.parameters()), "lr": config.learning_rate_embedding},
             {"params": list(params.value_targets.parameters()), "lr": config.learning_rate_values},
@@ -265,12 +275,17 @@ class Perfusion(TrainingMethod):
         context, token = self.context, self.config.placeholder_token
         if context is None:
             return
+        if self.position_hook is not None:
+            self.position_hook.remove()
+            self.position_hook = None
+        context.positions.token_ids.pop(token, None)
         if self.installed_here:
             uninstall_keylocked_layers(pipe.unet)
         else:  # only our own concept goes; the user's loaded ones stay as they were
             if token in context.concepts:
                 context.remove_concept(token)
-            context.set_options(active=self.previous_active & set(context.concepts))
+            edit, key_lock = self.previous_options
+            context.set_options(active=self.previous_active & set(context.concepts), edit=edit, key_lock=key_lock)
         self.context = None
 
     def concept(self, step: int, info: dict[str, Any]) -> Concept:
@@ -288,7 +303,10 @@ class Perfusion(TrainingMethod):
             train_temperature=config.train_tau,
             beta=config.inference_beta,
             temperature=config.inference_tau,
+            edit=config.edit,
+            key_lock=config.key_lock,
             training={
+                "covariance_positions": config.covariance_positions,
                 "steps": step,
                 "effective_batch_size": config.effective_batch_size,
                 "learning_rate_embedding": config.learning_rate_embedding,
