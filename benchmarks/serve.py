@@ -66,7 +66,7 @@ def concept_variants(folder: Path, count: int) -> list[tuple[str, str, Path]]:
             **{
                 **base.__dict__,
                 "placeholder_token": token,
-                "token_embedding": jitter(base.token_embedding),
+                "token_embeddings": {key: jitter(t) for key, t in base.token_embeddings.items()},
                 "concept_input": jitter(base.concept_input, 0.3),  # distinct i*: two concepts, a regular Gram
                 "value_targets": {name: jitter(t) for name, t in base.value_targets.items()},
             }

@@ -32,7 +32,7 @@ def make_concept(pipe, token: str, superclass: str, seed: int) -> Concept:
     return Concept(
         placeholder_token=token,
         superclass_token=superclass,
-        token_embedding=torch.randn(embed_dim, generator=generator),
+        token_embeddings=torch.randn(embed_dim, generator=generator),
         concept_input=torch.randn(text_dim, generator=generator),
         superclass_input=torch.randn(text_dim, generator=generator),
         value_targets={
