@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -136,12 +138,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomically write a training checkpoint (tmp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+CHECKPOINT_STATE = "state.json"
+
+
+def save_checkpoint(
+    directory: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Atomically write a training checkpoint folder: ``<module>.safetensors`` per module,
+    ``optimizer.safetensors`` and ``state.json`` (step, elapsed, config); no pickle."""
+    from keylocked.io import save_safetensors
+    from keylocked.training.optimizer_state import optimizer_state_tensors
+
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name, module in modules.items():
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_safetensors(tensors, partial / f"{name}.safetensors", {})
+    optimizer_tensors, groups = optimizer_state_tensors(optimizer)
+    save_safetensors(optimizer_tensors, partial / "optimizer.safetensors", {})
+    (partial / CHECKPOINT_STATE).write_text(json.dumps({**state, "param_groups": groups}, indent=1) + "\n")
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(partial, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint_state(directory: Path) -> dict:
+    """``state.json`` of a checkpoint folder written by :func:`save_checkpoint`."""
+    path = Path(directory) / CHECKPOINT_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"no training checkpoint at {directory} (no {CHECKPOINT_STATE})")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(
+    directory: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None = None
+) -> dict:
+    """Load module weights (and optimizer state) from a checkpoint folder; returns its state."""
+    from safetensors.torch import load_file
+
+    from keylocked.training.optimizer_state import load_optimizer_state
+
+    state = read_checkpoint_state(directory)
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(Path(directory) / f"{name}.safetensors")))
+    if optimizer is not None:
+        load_optimizer_state(
+            optimizer, load_file(str(Path(directory) / "optimizer.safetensors")), state["param_groups"]
+        )
+    return state
 
 
 def training_sprites(data_dir: Path) -> tuple[list[np.ndarray], list[str]]:

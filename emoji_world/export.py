@@ -22,7 +22,15 @@ import torch
 from PIL import Image
 
 from .catalog import build_catalog, load_splits
-from .common import DDIM_CONFIG, UNET_CONFIG, VAE_CONFIG, load_text_encoder, seed_everything
+from .common import (
+    DDIM_CONFIG,
+    UNET_CONFIG,
+    VAE_CONFIG,
+    load_checkpoint,
+    load_text_encoder,
+    read_checkpoint_state,
+    seed_everything,
+)
 from .compose import augmented_view
 from .render import render, to_array
 
@@ -76,9 +84,9 @@ def build_models(unet_ckpt: Path | None, vae_dir: Path | None, random_init: bool
     if unet_ckpt is None or not Path(unet_ckpt).exists():
         raise FileNotFoundError(f"no UNet checkpoint at {unet_ckpt}; train it or pass --random")
     vae = AutoencoderKL.from_pretrained(vae_dir)
-    state = torch.load(unet_ckpt, map_location="cpu")
+    state = read_checkpoint_state(unet_ckpt)
     unet = UNet2DConditionModel(**state["config"])
-    unet.load_state_dict(state["ema"])
+    load_checkpoint(unet_ckpt, {"ema": unet})
     trained_vae = Path(state.get("vae", vae_dir))
     if trained_vae.resolve() != Path(vae_dir).resolve() and trained_vae.exists():
         trained_on = AutoencoderKL.from_pretrained(trained_vae)
@@ -110,7 +118,7 @@ def default_vae_dir() -> Path:
 
 def export(
     output: Path = DEFAULT_OUTPUT,
-    unet_ckpt: Path | None = Path("runs/emoji-64/unet/checkpoint.pt"),
+    unet_ckpt: Path | None = Path("runs/emoji-64/unet/checkpoint"),
     vae_dir: Path | None = None,
     random_init: bool = False,
     examples: bool = True,
@@ -148,7 +156,7 @@ def export(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--unet_checkpoint", type=Path, default=Path("runs/emoji-64/unet/checkpoint.pt"))
+    parser.add_argument("--unet_checkpoint", type=Path, default=Path("runs/emoji-64/unet/checkpoint"))
     parser.add_argument(
         "--vae",
         type=Path,

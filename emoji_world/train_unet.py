@@ -26,6 +26,7 @@ from .common import (
     SCHEDULER_CONFIG,
     UNET_CONFIG,
     CaptionEncoder,
+    load_checkpoint,
     load_text_encoder,
     make_batch,
     pick_device,
@@ -102,13 +103,10 @@ def train(cfg: UnetTrainConfig) -> None:
     unet = UNet2DConditionModel(**UNET_CONFIG).to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
-    ckpt_path = cfg.output / "checkpoint.pt"
+    ckpt_path = cfg.output / "checkpoint"
     step, elapsed = 0, 0.0
     if cfg.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device)
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(ckpt_path, {"model": unet, "ema": ema}, optimizer)
         step, elapsed = state["step"], state["elapsed"]
         print(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
     elif cfg.init_from is not None:
@@ -128,12 +126,11 @@ def train(cfg: UnetTrainConfig) -> None:
     def checkpoint():
         save_checkpoint(
             ckpt_path,
+            {"model": unet, "ema": ema},
+            optimizer,
             {
                 "format": "emoji-64-unet-train",
-                "version": 1,
-                "model": unet.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "version": 2,
                 "step": step,
                 "elapsed": elapsed,
                 "config": UNET_CONFIG,

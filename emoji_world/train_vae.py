@@ -4,7 +4,7 @@
 
 Trains on random 32×32 crops of the 64×64 compositions (the model is convolutional).
 Loss: L1 + MSE reconstruction + a small KL term.  Checkpoints every few minutes to
-``<output>/checkpoint.pt`` (``--resume`` continues); at the end the model is saved with
+``<output>/checkpoint/`` (safetensors + state.json) (``--resume`` continues); at the end the model is saved with
 ``save_pretrained`` to ``<output>/final`` with ``scaling_factor`` = 1 / std of the latents.
 
 Decoder fine-tuning (the UNet's latent space stays fixed, so it can run during/after UNet training):
@@ -23,7 +23,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .common import VAE_CONFIG, make_batch, pick_device, save_checkpoint, seed_everything, training_sprites
+from .common import (
+    VAE_CONFIG,
+    load_checkpoint,
+    make_batch,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    training_sprites,
+)
 
 
 @dataclass
@@ -76,23 +84,21 @@ def train(cfg: VaeTrainConfig) -> Path:
         vae.quant_conv.requires_grad_(False)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    ckpt_path = cfg.output / "checkpoint.pt"
+    ckpt_path = cfg.output / "checkpoint"
     step, elapsed = 0, 0.0
     if cfg.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(ckpt_path, {"model": vae}, optimizer)
         step, elapsed = state["step"], state["elapsed"]
         print(f"resumed from {ckpt_path} at step {step} ({elapsed / 60:.1f} min)")
 
     def checkpoint():
         save_checkpoint(
             ckpt_path,
+            {"model": vae},
+            optimizer,
             {
                 "format": "emoji-64-vae-train",
-                "version": 1,
-                "model": vae.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "version": 2,
                 "step": step,
                 "elapsed": elapsed,
                 "config": VAE_CONFIG,

@@ -244,6 +244,7 @@ def test_train_vae_unet_export_smoke(tmp_path):
     import torch
 
     from emoji_world import train_unet, train_vae
+    from emoji_world.common import read_checkpoint_state
     from emoji_world.export import export
     from keylocked.models import load_pipeline
 
@@ -256,7 +257,9 @@ def test_train_vae_unet_export_smoke(tmp_path):
     )
     runs = tmp_path / "runs"
     train_vae.main(["--data", str(data), "--output", str(runs / "vae"), "--max_steps", "2", "--batch_size", "2"])
-    assert (runs / "vae" / "final" / "config.json").exists() and (runs / "vae" / "checkpoint.pt").exists()
+    assert (runs / "vae" / "final" / "config.json").exists() and (
+        runs / "vae" / "checkpoint" / "model.safetensors"
+    ).exists()
     args = [
         "--data",
         str(data),
@@ -269,9 +272,10 @@ def test_train_vae_unet_export_smoke(tmp_path):
     ]
     train_unet.main(args + ["--max_steps", "2"])
     train_unet.main(args + ["--max_steps", "3", "--resume"])
-    state = torch.load(runs / "unet" / "checkpoint.pt", map_location="cpu")
+    state = read_checkpoint_state(runs / "unet" / "checkpoint")
     assert state["step"] == 3 and state["format"] == "emoji-64-unet-train"
-    info = export(tmp_path / "pipe", runs / "unet" / "checkpoint.pt", runs / "vae" / "final", examples=False)
+    assert not list(runs.rglob("*.pt")) and not list(runs.rglob("*.partial"))  # safetensors + JSON only
+    info = export(tmp_path / "pipe", runs / "unet" / "checkpoint", runs / "vae" / "final", examples=False)
     assert info["trained"] and info["unet_steps"] == 3
     assert not (tmp_path / "pipe" / "text_encoder").exists()
     image = load_pipeline(tmp_path / "pipe")(

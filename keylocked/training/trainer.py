@@ -40,6 +40,7 @@ from .data import images_to_tensor, load_instance_images, prompts_for, sample_ba
 from .latents import latent_encoder
 from .masks import AttentionMapProbe, load_user_masks, probing_cross_attention
 from .methods import METHODS, BaselineOptions, Setup, TrainingMethod
+from .optimizer_state import load_optimizer_state, optimizer_state_tensors
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "keylocked.checkpoint"
@@ -227,42 +228,11 @@ def _check_shapes(checkpoint: Path, state: dict[str, Any], tensors: dict[str, Te
     read_safetensors_header(checkpoint / OPTIMIZER_FILENAME, "checkpoint optimizer state")
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-    """AdamW's state as flat tensors ``state.<param index>.<name>`` + JSON hyperparameters per group."""
-    state_dict = optimizer.state_dict()
-    tensors = {}
-    for index, slots in state_dict["state"].items():
-        for key, value in slots.items():
-            if not isinstance(value, Tensor):
-                raise TypeError(f"optimizer state {key!r} is not a tensor")  # AdamW keeps tensors only
-            tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
-    groups = [
-        {**{k: v for k, v in group.items() if k != "params"}, "num_params": len(group["params"])}
-        for group in state_dict["param_groups"]
-    ]
-    return tensors, groups
-
-
 def _load_optimizer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
-    current = optimizer.state_dict()["param_groups"]
-    if len(groups) != len(current) or any(
-        not isinstance(g, dict) or g.get("num_params") != len(c["params"]) for g, c in zip(groups, current)
-    ):
-        raise KeylockedError(f"{checkpoint}: optimizer parameter groups do not match this run's")
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, tensor in load_file(str(checkpoint / OPTIMIZER_FILENAME)).items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
-    param_groups = []
-    for recorded, group in zip(groups, current):
-        restored = {k: v for k, v in recorded.items() if k != "num_params"}
-        if isinstance(restored.get("betas"), list):
-            restored["betas"] = tuple(restored["betas"])  # JSON has no tuples
-        param_groups.append({**group, **restored, "params": group["params"]})
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise KeylockedError(f"{checkpoint}: optimizer state does not fit this run ({error})") from error
+        load_optimizer_state(optimizer, load_file(str(checkpoint / OPTIMIZER_FILENAME)), groups)
+    except ValueError as error:
+        raise KeylockedError(f"{checkpoint}: {error} (this run's optimizer)") from error
 
 
 def _save_checkpoint(
@@ -285,7 +255,7 @@ def _save_checkpoint(
             tensors = runner.state()
             trainables = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
             save_safetensors(trainables, partial / TRAINABLE_FILENAME, {})
-            optimizer_tensors, groups = _optimizer_state(optimizer)
+            optimizer_tensors, groups = optimizer_state_tensors(optimizer)
             save_safetensors(optimizer_tensors, partial / OPTIMIZER_FILENAME, {})
             runner.save(partial, step, info)
             state = {
