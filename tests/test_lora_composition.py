@@ -78,6 +78,9 @@ def test_lora_after_concepts_equals_lora_before_them(parts):
     pipe.unload_lora_weights()  # diffusers' unload with the concepts still loaded
     assert count(pipe, LoraLayer) == 0 and count(pipe, KeyLockedLinear) > 0
     assert (generate(pipe) == concept_only).all()
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_k"]))
+    assert isinstance(layer.to_k, KeyLockedLinear) and isinstance(layer.to_k.base_layer, LoraLayer)  # peft's API
+    pipe.unload_lora_weights()
     keylocked.unload_concepts(pipe)
     assert not set(PEFT_VERBS) & set(vars(pipe.unet))  # diffusers' own verbs again
     assert (generate(pipe, "a bear on a table") == stock).all()

@@ -90,11 +90,11 @@ def test_me_says_who_the_key_is_and_what_it_may_use(client, setup):
     both = client.get("/v1/me", headers=bearer(agency)).json()
     assert (both["projects"], both["project"], both["grants"]) == (["acme", "solo"], None, acme)
     assert client.get("/v1/me", params={"project": "solo"}, headers=bearer(agency)).json()["grants"] == []
+    reviewer_only = setup.new_key("checker", ["approve"], ["acme"])
     before = audit_rows(client, setup)[-1]["id"]
     refused = client.get("/v1/me", params={"project": "other"}, headers=bearer(agency))
     assert refused.status_code == 403 and "may not act in project 'other'" in refused.json()["detail"]
     # A key without the 'use' scope learns who it is, not what is granted; the request is audited.
-    reviewer_only = setup.new_key("checker", ["approve"], ["acme"])
     me = client.get("/v1/me", headers=bearer(reviewer_only)).json()
     assert (me["principal"], me["role"], me["grants"]) == ("checker", "approve", [])
     rows = [row for row in audit_rows(client, setup) if before < row["id"]]
