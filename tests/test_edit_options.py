@@ -279,9 +279,7 @@ def test_exact_key_lock_gives_the_superclass_key_at_the_concept_token(trained, t
         unload_concepts(tiny_pipe)
 
 
-def test_exact_key_lock_falls_back_to_the_paper_key_for_rows_the_encoder_never_produced(
-    trained, tiny_pipe, covariance
-):
+def test_exact_key_lock_falls_back_to_the_paper_key_for_rows_the_encoder_never_produced(trained, tiny_pipe, covariance):
     """Precomputed prompt_embeds (or clip_skip's earlier hidden state) carry no token ids: the paper's key."""
     load_concepts(tiny_pipe, trained, beta=0.7, key_lock="exact", covariance=covariance)
     try:
