@@ -342,3 +342,23 @@ def test_demo_columns_pass_when_closer_to_the_views_than_the_baseline_and_retrie
     assert result["target_met"] is False
     with pytest.raises(ValueError, match="not among"):
         score_columns(ColourEmbedder(), [], concept_images, baseline_images, ["a", "b"], "teal thing", gallery)
+
+
+def test_diagnose_context_locks_every_row_but_the_concept_tokens(trained, tiny_pipe, covariance):
+    """benchmarks/diagnose_context.py: the ablation keeps the concept rows and takes the rest from the super prompt."""
+    import diagnose_context
+
+    load_concepts(tiny_pipe, trained, covariance=covariance)
+    try:
+        prompt, super_prompt = "a <my-thing> on a table", "a bear on a table"
+        locked = diagnose_context.context_locked(tiny_pipe, [prompt], [super_prompt], ["<my-thing>"])
+        concept_encoding, ids = diagnose_context.encode(tiny_pipe, [prompt])
+        super_encoding, _ = diagnose_context.encode(tiny_pipe, [super_prompt])
+        at = ids == tiny_pipe.tokenizer.convert_tokens_to_ids("<my-thing>")
+        assert at.sum() == 1
+        assert torch.equal(locked[at], concept_encoding[at]) and torch.equal(locked[~at], super_encoding[~at])
+        assert not torch.equal(locked, concept_encoding)
+        shift, cosine = diagnose_context.other_word_shift(tiny_pipe, Concept.load(trained), "a {} on a table")
+        assert shift > 0 and cosine <= 1 + 1e-6  # the learned token moves the words after it (slightly: 1 step)
+    finally:
+        unload_concepts(tiny_pipe)
