@@ -64,6 +64,7 @@ class VaeTrainConfig:
     prefetch: int = 0  # batches whose layouts a background thread samples ahead
     compile: bool = False  # torch.compile the training forward
     log_every: int = 100  # steps per row of <output>/losses.csv (and per printed line)
+    scale_batches: int = 8  # batches of 32 fresh compositions that measure the latent std (scaling_factor)
 
     def __post_init__(self):
         if self.decoder_only and not self.init:
@@ -192,7 +193,7 @@ def train(cfg: VaeTrainConfig) -> Path:
     if cfg.decoder_only:
         std = 1.0 / vae.config.scaling_factor  # unchanged: the encoder was frozen
     else:
-        std = latent_std(vae, sprites, names, device, compositor=cfg.compositor)
+        std = latent_std(vae, sprites, names, device, batches=cfg.scale_batches, compositor=cfg.compositor)
         vae.register_to_config(scaling_factor=1.0 / std)
     final = cfg.output / "final"
     vae.save_pretrained(final)
