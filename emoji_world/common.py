@@ -141,8 +141,16 @@ class CaptionEncoder:
         for caption, value in fresh.items():
             if len(self.cache) < self.max_cached and " and " not in caption:
                 self.cache[caption] = value.half()
-        rows = [fresh[c] if c in fresh else self.cache[c].float() for c in captions]
-        return torch.stack(rows)  # (B, 32, 384)
+        # one stack per source (not one cast per row): a GPU batch has hundreds of captions
+        cached = [i for i, c in enumerate(captions) if c not in fresh]
+        new = [i for i, c in enumerate(captions) if c in fresh]
+        some = fresh[captions[new[0]]] if new else self.cache[captions[cached[0]]]
+        out = torch.empty(len(captions), *some.shape, dtype=torch.float32, device=some.device)
+        if cached:
+            out[cached] = torch.stack([self.cache[captions[i]] for i in cached]).float()
+        if new:
+            out[new] = torch.stack([fresh[captions[i]] for i in new]).float()
+        return out  # (B, 32, 384)
 
 
 def sample_batch(

@@ -212,6 +212,8 @@ def test_text_pack_stand_in_encodes_like_the_wheel(tmp_path):
         for folder in (text_model_dir(), model)
     ]
     wheel, stand_in = (encoder(captions) for encoder in encoders)
+    again = encoders[0](captions[::-1])  # single-object captions now come from the fp16 cache
+    assert torch.allclose(again.flip(0), wheel, atol=1e-2) and not torch.equal(again[-1], wheel[0])
     relative = ((wheel - stand_in).norm(dim=-1) / wheel.norm(dim=-1)).max().item()
     assert relative < 5e-3  # fp16 rounding of the transformer weights only (measured 0.19 %)
     with pytest.raises(ValueError, match="left out"):
@@ -228,7 +230,7 @@ def test_gpu_base_script_smoke(sprites, tmp_path):
     """The whole prepared GPU pipeline (data, VAE, UNet, export, evaluate_base, summary, plot) on CPU
     with a few steps: what the GPU machine will run, minus CUDA."""
     data = write_sprites(tmp_path / "data", sprites[:3], NAMES[:3])
-    env = {**os.environ, "DATA": str(data), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DATA": str(data), "PYTHONPATH": str(ROOT), "BUNDLE": "1"}
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_base_model.sh"), "--smoke", str(tmp_path / "out")],
         env=env,
@@ -245,3 +247,12 @@ def test_gpu_base_script_smoke(sprites, tmp_path):
     assert set(summary["evaluate_base"]) >= {"identity_top1", "colour_accuracy", "vae_psnr_db"}
     for name in ("losses.png", "samples.png", "run.log"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    # the bundle the GPU run brings back: parts that join into a tar of the pipeline folder and logs
+    import io
+    import tarfile
+
+    joined = b"".join(p.read_bytes() for p in sorted((tmp_path / "out").glob("model.tar.*")))
+    with tarfile.open(fileobj=io.BytesIO(joined)) as tar:
+        members = set(tar.getnames())
+    assert {"emoji-64/unet/diffusion_pytorch_model.safetensors", "emoji-64/export_info.json"} <= members
+    assert {"logs/unet-losses.csv", "logs/vae-state.json"} <= members
