@@ -169,7 +169,7 @@ part evaluate "$(left 150)" python -m emoji_world.evaluate_base --model "$WORK/e
   --device "$DEVICE" --output "$WORK/eval" "${EVAL_ARGS[@]}"
 
 # -- summary.json (stages, steps, losses, evaluate_base) and losses.png
-part summary 60 python - "$WORK" "$RESULTS" "$MODE" "$(( $(date +%s) - started ))" <<'EOF'
+part summary "$(left 60)" python - "$WORK" "$RESULTS" "$MODE" "$(( $(date +%s) - started ))" <<'EOF'
 import json, shutil, sys
 from pathlib import Path
 from emoji_world.common import read_checkpoint_state, read_loss_log
