@@ -43,21 +43,24 @@ class TorchCompositor:
         colour = torch.tensor([self.colour_index[lay.colour] for lay in layouts], device=self.device)
         canvas = self.colours[colour].view(batch, 3, 1, 1).expand(batch, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous()
         pixels = canvas.permute(0, 2, 3, 1)  # (B, H, W, 3) view of the same memory
-        # (image, sprite, size, x, y, flip) per placed sprite; one resize per distinct size
+        # (image, sprite, size, x, y, flip) per placed sprite, sorted by size and copied to the device
+        # once; then one resize per distinct size, on a contiguous slice
         placed = np.asarray(
             [(b, p.index, p.size, p.x, p.y, p.flip) for b, lay in enumerate(layouts) for p in lay.objects],
             dtype=np.int64,
         ).reshape(-1, 6)
-        for size in np.unique(placed[:, 2]):
-            rows = placed[placed[:, 2] == size]
-            image, index, _, x, y, flip = (torch.from_numpy(rows[:, k].copy()).to(self.device) for k in range(6))
-            small = F.interpolate(self.sprites[index], size=(int(size), int(size)), mode="bilinear", antialias=True)
+        placed = placed[np.argsort(placed[:, 2], kind="stable")]
+        sizes, starts, counts = np.unique(placed[:, 2], return_index=True, return_counts=True)
+        table = torch.from_numpy(placed).to(self.device)
+        for size, first, count in zip(sizes.tolist(), starts.tolist(), counts.tolist()):
+            image, index, _, x, y, flip = table[first : first + count].unbind(1)
+            small = F.interpolate(self.sprites[index], size=(size, size), mode="bilinear", antialias=True)
             # the filter is symmetric, so flipping after resizing is the same as before, and cheaper
             small = torch.where(flip.bool().view(-1, 1, 1, 1), small.flip(-1), small)
             small = small.clamp(0.0, 1.0).permute(0, 2, 3, 1)  # (n, s, s, 4)
-            offsets = torch.arange(int(size), device=self.device)
-            ys = (y.view(-1, 1) + offsets).view(-1, int(size), 1)  # (n, s, 1)
-            xs = (x.view(-1, 1) + offsets).view(-1, 1, int(size))  # (n, 1, s)
+            offsets = torch.arange(size, device=self.device)
+            ys = (y.view(-1, 1) + offsets).view(-1, size, 1)  # (n, s, 1)
+            xs = (x.view(-1, 1) + offsets).view(-1, 1, size)  # (n, 1, s)
             images = image.view(-1, 1, 1)
             # sprites of one image never overlap (pairs sit in separate halves), so one gather and
             # one scatter per size group compose them all
