@@ -124,6 +124,7 @@ if [[ $MODE == smoke ]]; then
   UNET_ARGS=(--max_steps 3 --batch_size 4 --warmup_steps 2 --log_every 1 --threads 2)
   EVAL_ARGS=(--n 1 --k 2 --steps 1 --psnr_images 4 --threads 2)
   unet_minutes() { echo 1; }
+  WORKERS=1
 else
   # GPU: big batches, bf16 autocast (fp32 weights, optimizer and EMA), compositions drawn on the GPU
   VAE_ARGS=(--batch_size 256 --crop 64 --lr 1e-3 --max_minutes 1.6 --cooldown_minutes 0.5 --log_every 25 --threads 8)
@@ -132,9 +133,10 @@ else
   # the UNet trains for what is left of TOTAL_SECONDS after the VAE, less 100 s for its start and
   # save, the export, the evaluation and the summary (about 4 minutes)
   unet_minutes() { python -c "print(max(0.5, round(($TOTAL_SECONDS - ($(date +%s) - $started) - 100) / 60, 2)))"; }
+  WORKERS=6  # processes sampling layouts and tokenizing captions: ~65 ms of Python per batch of 512
 fi
 # checkpoints every 1.5 min: if `timeout` ever kills a trainer, the last one is still exported
-COMMON=(--device "$DEVICE" --mixed_precision bf16 --compositor torch --prefetch 2 --checkpoint_minutes 1.5)
+COMMON=(--device "$DEVICE" --mixed_precision bf16 --compositor torch --layout_workers "$WORKERS" --checkpoint_minutes 1.5)
 HARD_SECONDS=$(( TOTAL_SECONDS + 90 ))  # no stage runs past this (the device call's own limit is 600 s)
 left() {  # left SECONDS: SECONDS, or what is left before HARD_SECONDS if less
   local rest=$(( HARD_SECONDS - ($(date +%s) - started) ))

@@ -118,14 +118,15 @@ class CaptionEncoder:
         self.kept_ids = torch.tensor(json.loads(kept.read_text())) if kept.is_file() else None
 
     @torch.no_grad()
-    def _encode(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids  # (B, 32)
+    def _encode(self, captions: list[str], ids: torch.Tensor | None = None) -> torch.Tensor:
+        if ids is None:
+            ids = self.tokenizer(
+                captions,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids  # (B, 32)
         if self.kept_ids is not None and not torch.isin(ids, self.kept_ids).all():
             unknown = sorted(set(ids[~torch.isin(ids, self.kept_ids)].tolist()))
             raise ValueError(
@@ -135,9 +136,15 @@ class CaptionEncoder:
         device = next(self.encoder.parameters()).device
         return self.encoder(ids.to(device))[0]  # (B, 32, 384)
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def __call__(self, captions: list[str], token_ids: np.ndarray | None = None) -> torch.Tensor:
+        """Encodings (B, 32, 384); ``token_ids`` (B, 32), when given, are the captions already tokenized
+        (by the layout workers) exactly as ``_encode`` would."""
         missing = sorted({c for c in captions if c not in self.cache})
-        fresh = dict(zip(missing, self._encode(missing))) if missing else {}
+        ids = None
+        if missing and token_ids is not None:
+            row = {c: i for i, c in enumerate(captions)}
+            ids = torch.from_numpy(np.asarray(token_ids)[[row[c] for c in missing]])
+        fresh = dict(zip(missing, self._encode(missing, ids))) if missing else {}
         for caption, value in fresh.items():
             if len(self.cache) < self.max_cached and " and " not in caption:
                 self.cache[caption] = value.half()
@@ -196,7 +203,8 @@ class BatchSource:
     """Training batches on ``device``: the same layouts and captions as :func:`make_batch`, drawn
     with PIL on the CPU (``"pil"``) or with :class:`TorchCompositor` on the device (``"torch"``;
     ``"auto"`` picks it on CUDA).  With ``prefetch`` > 0 a background thread samples the next
-    batches' layouts while the device trains.
+    batches' layouts while the device trains; with ``workers`` > 0 that many processes sample them
+    and tokenize the captions (:mod:`emoji_world.layout_worker`; ``token_ids`` then holds the ids).
     """
 
     def __init__(
@@ -210,6 +218,7 @@ class BatchSource:
         p_pair: float = 0.15,
         compositor: str = "auto",
         prefetch: int = 0,
+        workers: int = 0,
     ):
         if compositor not in COMPOSITORS:
             raise ValueError(f"compositor must be one of {COMPOSITORS}, got {compositor!r}")
@@ -219,9 +228,13 @@ class BatchSource:
         self.args = (batch_size, seed, p_drop_caption, p_pair)
         self.kind = ("torch" if device.type == "cuda" else "pil") if compositor == "auto" else compositor
         self.compositor = TorchCompositor(np.stack(sprites), device) if self.kind == "torch" else None
-        self.prefetch = prefetch
+        if workers and self.kind != "torch":
+            raise ValueError("layout workers feed the torch compositor only (use --compositor torch)")
+        self.prefetch, self.workers = prefetch, workers
         self._pool = None
         self._pending: dict[int, object] = {}
+        self._workers = None
+        self.token_ids: np.ndarray | None = None  # the last batch's caption token ids, when workers made them
 
     def layouts(self, step: int) -> tuple[list[Layout], list[str]]:
         batch_size, seed, p_drop, p_pair = self.args
@@ -251,10 +264,21 @@ class BatchSource:
             images = np.stack([render_layout(layout, self.sprites) for layout in layouts])
             pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             return pixels.to(self.device), captions
+        if self.workers:
+            from .layout_worker import LayoutWorkers
+
+            if self._workers is None:
+                self._workers = LayoutWorkers(self.names, *self.args, start=step, workers=self.workers)
+            record = self._workers.get(step)
+            self.token_ids = record["ids"]
+            return self.compositor.render_table(record["placed"], record["colours"]) * 2.0 - 1.0, record["captions"]
         layouts, captions = self.layouts(step)
         return self.compositor.render(layouts) * 2.0 - 1.0, captions
 
     def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None

@@ -36,19 +36,24 @@ class TorchCompositor:
         self.colour_index = {name: i for i, name in enumerate(COLOURS)}
         self.colours = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=self.device) / 255.0
 
-    @torch.no_grad()
     def render(self, layouts: Sequence[Layout]) -> torch.Tensor:
         """(B, 3, 64, 64) float images in [0, 1] on the compositor's device."""
-        batch = len(layouts)
-        colour = torch.tensor([self.colour_index[lay.colour] for lay in layouts], device=self.device)
+        from .layout_worker import placement_table
+
+        colours = [self.colour_index[lay.colour] for lay in layouts]
+        return self.render_table(placement_table(layouts), colours)
+
+    @torch.no_grad()
+    def render_table(self, placed: np.ndarray, colours: Sequence[int]) -> torch.Tensor:
+        """Render from a placement table: (n, 6) int rows (image, sprite, size, x, y, flip) and the
+        colour index (into ``COLOURS``) of each of the B images."""
+        batch = len(colours)
+        colour = torch.as_tensor(np.asarray(colours, dtype=np.int64), device=self.device)
         canvas = self.colours[colour].view(batch, 3, 1, 1).expand(batch, 3, IMAGE_SIZE, IMAGE_SIZE).contiguous()
         pixels = canvas.permute(0, 2, 3, 1)  # (B, H, W, 3) view of the same memory
-        # (image, sprite, size, x, y, flip) per placed sprite, sorted by size and copied to the device
-        # once; then one resize per distinct size, on a contiguous slice
-        placed = np.asarray(
-            [(b, p.index, p.size, p.x, p.y, p.flip) for b, lay in enumerate(layouts) for p in lay.objects],
-            dtype=np.int64,
-        ).reshape(-1, 6)
+        # rows sorted by size and copied to the device once; then one resize per distinct size,
+        # on a contiguous slice
+        placed = np.asarray(placed, dtype=np.int64).reshape(-1, 6)
         placed = placed[np.argsort(placed[:, 2], kind="stable")]
         sizes, starts, counts = np.unique(placed[:, 2], return_index=True, return_counts=True)
         table = torch.from_numpy(placed).to(self.device)

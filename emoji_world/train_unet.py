@@ -70,6 +70,7 @@ class UnetTrainConfig:
     mixed_precision: str = "no"  # "bf16": autocast (weights, optimizer and EMA stay fp32)
     compositor: str = "auto"  # "pil" (CPU), "torch" (on the device); auto: torch on CUDA
     prefetch: int = 0  # batches whose layouts a background thread samples ahead
+    layout_workers: int = 0  # processes that sample layouts (and tokenize captions); torch compositor only
     compile: bool = False  # torch.compile the UNet's training forward
     log_every: int = 100  # steps per row of <output>/losses.csv (and per printed line)
 
@@ -177,6 +178,7 @@ def train(cfg: UnetTrainConfig) -> None:
         cfg.p_pair,
         compositor=cfg.compositor,
         prefetch=cfg.prefetch,
+        workers=cfg.layout_workers,
     )
     log = LossLog(cfg.output, resume=resuming)
     forward = torch.compile(unet) if cfg.compile else unet  # same parameters; state dicts from ``unet``
@@ -188,7 +190,7 @@ def train(cfg: UnetTrainConfig) -> None:
     while step < cfg.max_steps and (time.time() - session_start) / 60 < cfg.max_minutes:
         # fresh compositions and their caption encodings (10% dropped to "")
         pixels, captions = source(step)
-        cond = encode(captions).to(device)  # (B, 32, 384), fp32 as at inference
+        cond = encode(captions, source.token_ids).to(device)  # (B, 32, 384), fp32 as at inference
         with torch.no_grad(), autocast(device, cfg.mixed_precision):
             latents = vae.encode(pixels).latent_dist.sample().float() * scaling  # (B, 4, 16, 16)
         # forward diffusion at uniform timesteps

@@ -62,6 +62,7 @@ class VaeTrainConfig:
     mixed_precision: str = "no"  # "bf16": autocast (weights and optimizer stay fp32)
     compositor: str = "auto"  # "pil" (CPU), "torch" (on the device); auto: torch on CUDA
     prefetch: int = 0  # batches whose layouts a background thread samples ahead
+    layout_workers: int = 0  # processes that sample layouts (and tokenize captions); torch compositor only
     compile: bool = False  # torch.compile the training forward
     log_every: int = 100  # steps per row of <output>/losses.csv (and per printed line)
     scale_batches: int = 8  # batches of 32 fresh compositions that measure the latent std (scaling_factor)
@@ -142,7 +143,14 @@ def train(cfg: VaeTrainConfig) -> Path:
 
     forward = torch.compile(reconstruct) if cfg.compile else reconstruct
     source = BatchSource(
-        sprites, names, device, cfg.batch_size, cfg.seed, compositor=cfg.compositor, prefetch=cfg.prefetch
+        sprites,
+        names,
+        device,
+        cfg.batch_size,
+        cfg.seed,
+        compositor=cfg.compositor,
+        prefetch=cfg.prefetch,
+        workers=cfg.layout_workers,
     )
     log = LossLog(cfg.output, resume=cfg.resume and step > 0)
     print(

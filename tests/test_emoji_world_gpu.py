@@ -109,6 +109,29 @@ def test_batch_sources_share_layouts_and_captions(sprites):
         BatchSource(sprites, NAMES, cpu, 2, 0, compositor="opengl")
 
 
+def test_layout_workers_send_the_same_batches(sprites):
+    """Worker processes (no pickle: length-prefixed JSON + int32 records) give the layouts, captions
+    and token ids that sampling and tokenizing in the trainer would."""
+    from emoji_world.common import load_text_encoder
+
+    source = BatchSource(sprites, NAMES, torch.device("cpu"), 16, 5, 0.2, 0.3, compositor="torch", workers=2)
+    try:
+        for step in (6, 7, 8):
+            got, captions = source(step)
+            pixels, expected = make_batch(sprites, NAMES, 16, seed=5, step=step, p_drop_caption=0.2, p_pair=0.3)
+            assert captions == expected
+            assert (got - pixels).abs().max() <= 2 * MAX_ABS_DIFF + 1e-6
+        tokenizer, _ = load_text_encoder()
+        ids = tokenizer(captions, padding="max_length", max_length=32, truncation=True, return_tensors="np").input_ids
+        assert np.array_equal(source.token_ids, ids)
+        with pytest.raises(ValueError, match="step 9"):
+            source(11)  # steps come in order
+    finally:
+        source.close()
+    with pytest.raises(ValueError, match="torch compositor"):
+        BatchSource(sprites, NAMES, torch.device("cpu"), 2, 0, compositor="pil", workers=1)
+
+
 def test_model_configs():
     from diffusers import UNet2DConditionModel
 
@@ -172,6 +195,7 @@ def test_gpu_path_on_cpu_large_config_bf16_and_export(sprites, tmp_path):
     data = write_sprites(tmp_path / "data", sprites[:3], NAMES[:3])
     runs = tmp_path / "runs"
     gpu_flags = ["--mixed_precision", "bf16", "--compositor", "torch", "--prefetch", "1", "--log_every", "1"]
+    workers = ["--layout_workers", "1"]
     train_vae.main(
         ["--data", str(data), "--output", str(runs / "vae"), "--max_steps", "1", "--batch_size", "2"]
         + ["--model_config", "emoji-64-l", "--scale_batches", "1", "--cooldown_minutes", "1"]
@@ -180,7 +204,9 @@ def test_gpu_path_on_cpu_large_config_bf16_and_export(sprites, tmp_path):
     assert read_checkpoint_state(runs / "vae" / "checkpoint")["config_name"] == "emoji-64-l"
     assert read_loss_log(runs / "vae" / "losses.csv")["step"].tolist() == [1]
     unet_args = ["--data", str(data), "--vae", str(runs / "vae" / "final"), "--output", str(runs / "unet")]
-    train_unet.main(unet_args + ["--max_steps", "1", "--batch_size", "2", "--model_config", "emoji-64-l"] + gpu_flags)
+    train_unet.main(
+        unet_args + ["--max_steps", "1", "--batch_size", "2", "--model_config", "emoji-64-l"] + gpu_flags + workers
+    )
     # a resumed run keeps the checkpoint's architecture whatever --model_config says, and appends to the log
     train_unet.main(unet_args + ["--max_steps", "2", "--batch_size", "2", "--resume"] + gpu_flags)
     state = read_checkpoint_state(runs / "unet" / "checkpoint")
