@@ -64,6 +64,18 @@ UNET_CONFIGS: dict[str, dict] = {
 }
 
 
+def config_name_of(configs: dict[str, dict], config: dict, default: str = "custom") -> str:
+    """The name of the config in ``configs`` that ``config`` (e.g. a saved model's) agrees with."""
+
+    def same(a, b) -> bool:
+        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))  # tuples vs JSON lists
+
+    for name, named in configs.items():
+        if all(same(config.get(key), value) for key, value in named.items()):
+            return name
+    return default
+
+
 def model_config(configs: dict[str, dict], name: str) -> dict:
     """The named config, or a ValueError listing the names."""
     if name not in configs:

@@ -29,6 +29,7 @@ from .common import (
     CaptionEncoder,
     LossLog,
     autocast,
+    config_name_of,
     load_checkpoint,
     load_text_encoder,
     model_config,
@@ -123,8 +124,9 @@ def train(cfg: UnetTrainConfig) -> None:
         saved = read_checkpoint_state(ckpt_path)
         config, config_name = saved["config"], saved.get("config_name", "emoji-64")
     elif cfg.init_from is not None:
-        config, config_name = dict(UNet2DConditionModel.load_config(Path(cfg.init_from) / "unet")), "init_from"
+        config = dict(UNet2DConditionModel.load_config(Path(cfg.init_from) / "unet"))
         config = {k: v for k, v in config.items() if not k.startswith("_")}
+        config_name = config_name_of(UNET_CONFIGS, config)
     else:
         config = model_config(UNET_CONFIGS, cfg.model_config)
     unet = UNet2DConditionModel(**config).to(device)

@@ -28,6 +28,7 @@ from .common import (
     BatchSource,
     LossLog,
     autocast,
+    config_name_of,
     load_checkpoint,
     model_config,
     pick_device,
@@ -126,7 +127,7 @@ def train(cfg: VaeTrainConfig) -> Path:
                 "step": step,
                 "elapsed": elapsed,
                 "config": {k: v for k, v in vae.config.items() if not k.startswith("_")},
-                "config_name": "init" if cfg.init else cfg.model_config,
+                "config_name": config_name_of(VAE_CONFIGS, dict(vae.config)) if cfg.init else cfg.model_config,
             },
         )
 

@@ -140,6 +140,12 @@ def test_model_configs():
     assert all(block.startswith("CrossAttn") for block in large["down_block_types"] + large["up_block_types"])
     with pytest.raises(ValueError, match="emoji-64-l"):
         model_config(VAE_CONFIGS, "emoji-64-xl")
+    from emoji_world.common import config_name_of
+    from keylocked.models import EMBEDDED_MODELS
+
+    shipped = dict(UNet2DConditionModel.load_config(EMBEDDED_MODELS["emoji-64"] / "unet"))
+    assert config_name_of(UNET_CONFIGS, shipped) == "emoji-64"  # what a warm start records
+    assert config_name_of(UNET_CONFIGS, {**shipped, "block_out_channels": [8, 8, 8]}) == "custom"
     with torch.device("meta"):
         params = sum(p.numel() for p in UNet2DConditionModel(**large).parameters())
     assert params * 2 < 30 * 2**20  # fp16 UNet well under the 40 MB shipped budget (VAE included)
