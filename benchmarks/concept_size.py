@@ -36,18 +36,7 @@ SDXL_TARGET_FP16_BYTES = 192 * 1024
 def sd15_unet_on_meta() -> UNet2DConditionModel:
     """SD 1.5's UNet2DConditionModel config (runwayml/stable-diffusion-v1-5/unet/config.json)."""
     with init_empty_weights():
-        return UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TEXT_DIM,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
+        return UNet2DConditionModel(**unet_config("sd15", cross_attention_dim=TEXT_DIM))
 
 
 def sdxl_unet_on_meta() -> UNet2DConditionModel:

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shapes import build_pipeline  # noqa: E402
+from shapes import build_pipeline, identity_covariance, random_concepts  # noqa: E402
 
 PARTS = ("inference", "train-step", "long-run")
 PROMPTS = {  # the same prompt shape in every case: three object words, concept tokens or plain words
@@ -45,40 +45,6 @@ def _sync(device: str) -> None:
 def _now(device: str) -> float:
     _sync(device)
     return time.perf_counter()
-
-
-def identity_covariance(pipe):
-    from keylocked.covariance import Covariance
-    from keylocked.text_stack import text_stack
-
-    return Covariance(torch.eye(text_stack(pipe).d_text), "", {"corpus": "identity (benchmark)"})
-
-
-def random_concepts(pipe, count: int) -> list:
-    """``count`` concepts with this model's shapes (both token embeddings on SDXL), random values."""
-    from keylocked.base_model import cross_attention_layers
-    from keylocked.concept import Concept
-    from keylocked.text_stack import text_stack
-
-    generator = torch.Generator().manual_seed(0)
-    stack = text_stack(pipe)
-    words = ["dog", "cat", "car", "cup", "tree"]
-    return [
-        Concept(
-            placeholder_token=f"<c{i}>",
-            superclass_token=words[i % len(words)],
-            token_embeddings={
-                key: torch.randn(dim, generator=generator) for key, dim in stack.embedding_dims().items()
-            },
-            concept_input=torch.randn(stack.d_text, generator=generator),
-            superclass_input=torch.randn(stack.d_text, generator=generator),
-            value_targets={
-                name: torch.randn(getattr(layer.to_v, "base_layer", layer.to_v).out_features, generator=generator)
-                for name, layer in cross_attention_layers(pipe.unet).items()
-            },
-        )
-        for i in range(count)
-    ]
 
 
 # ---------------------------------------------------------------------------------------

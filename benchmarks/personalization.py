@@ -10,10 +10,12 @@ trained on them with the same steps, batch and data pipeline; then every concept
 is generated, Perfusion swept over β with local and global key locking, and scored by the
 emoji evaluator (raw cosines; the stock model prompted with the super-category word is the
 reference point "base"). Writes to ``--output``: rows/summary (JSON, CSV, Markdown), pareto.png,
-sizes and training times (training.json), and the multi-concept case (pairs.json/csv).
+sizes and training times (training.json), the multi-concept case (pairs.json/csv), and whether
+any baseline point dominates Perfusion's front, with paired noise estimates (front.json,
+``keylocked.evaluation.pareto``).
 
 Multi-concept: pairs of concepts trained apart, loaded together, prompted "a <A> and a <B> on a
-white background". A concept counts as *present* when its image alignment (mean cosine to its
+white background" (Perfusion at every swept β and lock). A concept counts as *present* when its image alignment (mean cosine to its
 own example views) exceeds a per-concept threshold, calibrated on real renders: the threshold
 that best separates real pair compositions containing the concept from real pair compositions
 of two other concepts (balanced accuracy, reported in pairs.json). "Both present" needs both.
@@ -44,6 +46,8 @@ from keylocked.edit_options import COVARIANCE_POSITIONS, EDITS, KEY_LOCKS  # noq
 from keylocked.evaluation import EvalConfig, EvalItem, evaluate, evaluate_pairs, separating_threshold, write_results  # noqa: E402
 from keylocked.evaluation.evaluate import summarize, summary_table  # noqa: E402
 from keylocked.evaluation.metrics import image_alignment  # noqa: E402
+from keylocked.evaluation.pareto import front_report, label  # noqa: E402
+from keylocked.evaluation.pareto import markdown as front_markdown  # noqa: E402
 from keylocked.personalizations import METHODS, Personalization  # noqa: E402
 from keylocked.training import (  # noqa: E402
     BaselineOptions,
@@ -489,18 +493,23 @@ def main(argv: list[str] | None = None) -> None:
                 name, concepts[name][0], references[name], None if method == "base" else trained[(name, method)][0]
             )
 
-        setting = {"beta": FULL.local_betas[2], "lock": "local"} if method == "perfusion" else None
-        pair_rows += evaluate_pairs(
-            pipe,
-            [(item(a), item(b)) for a, b in pair_names],
-            embedder,
-            pair_config,
-            {n: t["threshold"] for n, t in thresholds.items()},
-            template=PAIR_TEMPLATE,
-            setting=setting,
-            covariance=covariance,
-            log=log,
-        )
+        # Perfusion: every swept setting (the inference knob is the point of the method); the others have one
+        setting_list = [None]
+        if method == "perfusion":
+            setting_list = [{"beta": b, "lock": "local"} for b in settings.local_betas]
+            setting_list += [{"beta": b, "lock": "global"} for b in settings.global_betas]
+        for setting in setting_list:
+            pair_rows += evaluate_pairs(
+                pipe,
+                [(item(a), item(b)) for a, b in pair_names],
+                embedder,
+                pair_config,
+                {n: t["threshold"] for n, t in thresholds.items()},
+                template=PAIR_TEMPLATE,
+                setting=setting,
+                covariance=covariance,
+                log=log,
+            )
 
     # -- files ---------------------------------------------------------------------------------
     trained_methods = list(dict.fromkeys(method for _, method in trained))
@@ -522,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     pair_summary = {}
     for row in pair_rows:
-        entry = pair_summary.setdefault(row["method"], {"images": 0, "both_present": 0, "a_present": 0, "b_present": 0})
+        key = label({"method": row["method"], "lock": row.get("lock"), "beta": row.get("beta")})
+        entry = pair_summary.setdefault(key, {"images": 0, "both_present": 0, "a_present": 0, "b_present": 0})
         entry["images"] += 1
         for key in ("both_present", "a_present", "b_present"):
             entry[key] += int(row[key])
@@ -533,12 +543,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         + "\n"
     )
-    _markdown(output, summarize(rows), embedder.name, sizes, times, pair_summary, thresholds, extra)
+    report = front_report(summarize(rows), rows)
+    (output / "front.json").write_text(json.dumps(report, indent=1) + "\n")
+    _markdown(output, summarize(rows), embedder.name, sizes, times, pair_summary, thresholds, extra, report)
     (output / "log.txt").write_text("\n".join(log_lines) + "\n")
     log(f"done in {(time.time() - started) / 60:.1f} min; results in {output}")
 
 
-def _markdown(output: Path, summary, embedder_name, sizes, times, pair_summary, thresholds, extra) -> None:
+def _markdown(output: Path, summary, embedder_name, sizes, times, pair_summary, thresholds, extra, report) -> None:
     lines = [
         f"# Personalization benchmark ({extra['model']}{'' if extra['model_trained'] is not False else ', UNTRAINED placeholder'})",
         "",
@@ -547,6 +559,9 @@ def _markdown(output: Path, summary, embedder_name, sizes, times, pair_summary, 
         "![pareto](pareto.png)",
         "",
         summary_table(summary, embedder_name),
+        "## Is Perfusion's front dominated? (front.json)",
+        "",
+        front_markdown(report),
         "## Size and training time per concept",
         "",
         "| method | mean bytes | mean training seconds |",
@@ -560,7 +575,7 @@ def _markdown(output: Path, summary, embedder_name, sizes, times, pair_summary, 
         "",
         f'## Two concepts trained apart, prompted together ("{PAIR_TEMPLATE}")',
         "",
-        "| method | images | A present | B present | both present |",
+        "| method (setting) | images | A present | B present | both present |",
         "|---|---|---|---|---|",
     ]
     for method, entry in pair_summary.items():

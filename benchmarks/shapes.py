@@ -5,7 +5,7 @@ encoder configs are those of runwayml/stable-diffusion-v1-5 and
 stabilityai/stable-diffusion-xl-base-1.0; the tokenizers are real ``CLIPTokenizer``s over a
 small byte-level BPE built offline (CLIP's 49,408-token files are not available offline), padded
 to 77 tokens as CLIP's are. ``tiny`` variants keep every kind of layer at toy sizes for a CPU
-smoke run.
+smoke run; the tests build their tiny pipelines from the same UNet configs, VAE and tokenizer.
 
     from shapes import build_pipeline
     pipe = build_pipeline("sdxl", device="cuda", dtype=torch.float16)
@@ -24,8 +24,10 @@ WORDS = ("a", "photo", "of", "dog", "cat", "car", "cup", "tree", "and", "on", "t
 FAMILIES = ("sd15", "sdxl", "sd15-tiny", "sdxl-tiny")
 
 
-def clip_tokenizer(folder: Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
-    """A real ``CLIPTokenizer`` over a byte-level BPE in which every word of ``WORDS`` is one token."""
+def clip_tokenizer(
+    folder: Path, model_max_length: int = 77, pad_token: str = "<|endoftext|>", words: tuple[str, ...] = WORDS
+):
+    """A real ``CLIPTokenizer`` over a byte-level BPE in which every word of ``words`` is one token."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -33,7 +35,7 @@ def clip_tokenizer(folder: Path, model_max_length: int = 77, pad_token: str = "<
     characters = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(characters + [c + "</w>" for c in characters])}
     merges: list[str] = []
-    for word in WORDS:
+    for word in words:  # merge each word into one token, left to right
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
             merges.append(f"{parts[0]} {parts[1]}")
@@ -48,8 +50,29 @@ def clip_tokenizer(folder: Path, model_max_length: int = 77, pad_token: str = "<
     )
 
 
-def unet_config(family: str) -> dict:
-    """UNet2DConditionModel kwargs: SD 1.5 (16 cross-attention layers) or SDXL base (70 layers, Σ out 83,200)."""
+def tiny_vae():
+    """A 16x16 -> 4x4x4 AutoencoderKL: the VAE of every tiny pipeline (here and in the tests)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+
+
+def unet_config(family: str, **overrides) -> dict:
+    """UNet2DConditionModel kwargs: SD 1.5 (16 cross-attention layers), SDXL base (70 layers, Σ out
+    83,200), or their tiny stand-ins (7 and 3 layers; the tests' UNets); ``overrides`` replace keys."""
+    return {"in_channels": 4, "out_channels": 4, **_unet_config(family), **overrides}
+
+
+def _unet_config(family: str) -> dict:
     if family == "sd15":
         return dict(
             sample_size=64,
@@ -80,8 +103,8 @@ def unet_config(family: str) -> dict:
             sample_size=8,
             layers_per_block=1,
             block_out_channels=(16, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32,
             attention_head_dim=8,
             norm_num_groups=8,
@@ -123,8 +146,13 @@ def _text_config(vocab_size: int, width: int, layers: int, heads: int, intermedi
     )
 
 
-def build_pipeline(family: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` of ``family``'s shapes, random weights."""
+def build_pipeline(
+    family: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, resolution: int | None = None
+):
+    """A ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` of ``family``'s shapes, random weights.
+
+    ``resolution``: the images' side in pixels (default: the family's own, 512 / 1024 / 64).
+    """
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -143,17 +171,13 @@ def build_pipeline(family: str, device: str = "cpu", dtype: torch.dtype = torch.
         tokenizer_2 = clip_tokenizer(Path(folder) / "tokenizer_2", max_length, pad_token="!")
     torch.manual_seed(seed)
     # building on the target device skips a slow CPU initialisation of billions of weights
+    config = unet_config(family)
+    if resolution:
+        config["sample_size"] = resolution // 8  # latents are 8x smaller
     with torch.device(device):
-        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_config(family))
+        unet = UNet2DConditionModel(**config)
         if tiny:
-            vae = AutoencoderKL(
-                block_out_channels=(8, 16),
-                down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2,
-                latent_channels=4,
-                norm_num_groups=4,
-                sample_size=16,
-            )
+            vae = tiny_vae()
         else:
             vae = AutoencoderKL(
                 block_out_channels=(128, 256, 512, 512),
@@ -161,7 +185,7 @@ def build_pipeline(family: str, device: str = "cpu", dtype: torch.dtype = torch.
                 down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4,
                 latent_channels=4,
-                sample_size=1024 if xl else 512,
+                sample_size=resolution or (1024 if xl else 512),
                 scaling_factor=0.13025 if xl else 0.18215,
             )
         n = len(tokenizer)
@@ -214,6 +238,41 @@ def build_pipeline(family: str, device: str = "cpu", dtype: torch.dtype = torch.
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def random_concepts(pipe, count: int) -> list:
+    """``count`` concepts with this model's shapes (both token embeddings on SDXL), random values."""
+    from keylocked.base_model import cross_attention_layers
+    from keylocked.concept import Concept
+    from keylocked.text_stack import text_stack
+
+    generator = torch.Generator().manual_seed(0)
+    stack = text_stack(pipe)
+    words = ["dog", "cat", "car", "cup", "tree"]
+    return [
+        Concept(
+            placeholder_token=f"<c{i}>",
+            superclass_token=words[i % len(words)],
+            token_embeddings={
+                key: torch.randn(dim, generator=generator) for key, dim in stack.embedding_dims().items()
+            },
+            concept_input=torch.randn(stack.d_text, generator=generator),
+            superclass_input=torch.randn(stack.d_text, generator=generator),
+            value_targets={
+                name: torch.randn(getattr(layer.to_v, "base_layer", layer.to_v).out_features, generator=generator)
+                for name, layer in cross_attention_layers(pipe.unet).items()
+            },
+        )
+        for i in range(count)
+    ]
+
+
+def identity_covariance(pipe):
+    """C = I: speed and memory do not depend on the covariance's values."""
+    from keylocked.covariance import Covariance
+    from keylocked.text_stack import text_stack
+
+    return Covariance(torch.eye(text_stack(pipe).d_text), "", {"corpus": "identity (benchmark)"})
 
 
 def main(argv: list[str] | None = None) -> None:

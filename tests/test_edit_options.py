@@ -279,6 +279,26 @@ def test_exact_key_lock_gives_the_superclass_key_at_the_concept_token(trained, t
         unload_concepts(tiny_pipe)
 
 
+def test_exact_key_lock_falls_back_to_the_paper_key_for_rows_the_encoder_never_produced(trained, tiny_pipe, covariance):
+    """Precomputed prompt_embeds (or clip_skip's earlier hidden state) carry no token ids: the paper's key."""
+    load_concepts(tiny_pipe, trained, beta=0.7, key_lock="exact", covariance=covariance)
+    try:
+        with torch.no_grad():
+            encodings, _ = encode_prompts(tiny_pipe.text_encoder, tiny_pipe.tokenizer, ["a <my-thing> on a table"])
+            foreign = encodings * 1.001  # as a user's own prompt_embeds: never recorded by the text-encoder hook
+            layer = next(iter(cross_attention_layers(tiny_pipe.unet).values())).to_k
+            exact_keys = layer(foreign)
+            set_concept_options(tiny_pipe, key_lock="paper")
+            paper_keys = layer(foreign)
+            recorded_paper = layer(encodings)
+            set_concept_options(tiny_pipe, key_lock="exact")
+            recorded_exact = layer(encodings)
+        assert torch.equal(exact_keys, paper_keys)
+        assert not torch.equal(recorded_exact, recorded_paper)  # where the rows are known, the lock does act
+    finally:
+        unload_concepts(tiny_pipe)
+
+
 # ---------------------------------------------------------------------------------------
 # Demo proxy metrics
 

@@ -13,7 +13,7 @@ from library_support import FINGERPRINT, cheap_key_hashing, make_concept_file, p
 from sqlalchemy import create_engine, inspect, text
 
 from keylocked import KeylockedError
-from keylocked.library import Library
+from keylocked.library import AccessDenied, Library
 from keylocked.library.db import current_revision, head_revision, upgrade_schema
 
 
@@ -210,6 +210,66 @@ def test_scope_is_checked_for_every_verb_and_refusals_change_nothing(env):
     assert [(v.number, v.status) for v in concept.versions] == [(1, "draft")]
     assert lib.grants(api_key=admin) == [] and len(lib.list_keys(api_key=admin)) == (1 if admin is None else 2)
     assert len(env.denied()) == 6
+
+
+def test_authenticate_and_record_event_keep_the_chain(env):
+    """The public verbs a service builds on: a key checked without acting, and rows the library's
+    own verbs do not write, appended to the same hash chain."""
+    lib, admin = env.library, env.admin
+    key = lib.create_key("svc", ["use"], projects=["client-a"], api_key=admin)
+    revoked = lib.create_key("old", ["publish"], api_key=admin).key
+    lib.revoke_key(revoked, api_key=admin)
+    count = len(lib.audit(api_key=admin))
+    caller = lib.authenticate(key.key)
+    assert (caller.principal, caller.key_prefix, caller.projects) == ("svc", key.info.prefix[3:], {"client-a"})
+    assert caller.has("use") and not caller.has("publish")
+    assert len(lib.audit(api_key=admin)) == count + 1  # only that listing's own row: accepting a key writes none
+    for bad, reason, actor in (
+        (revoked, "was revoked", "old"),
+        (key.key[:-4] + "AAAA", "unknown or wrong API key", "unknown"),
+        ("not-a-key", "malformed API key", "anonymous"),
+    ):
+        with pytest.raises(AccessDenied, match=f"^http.auth denied: .*{reason}") as raised:
+            lib.authenticate(bad, action="http.auth", details={"request": "GET /v1/me"})
+        assert reason in raised.value.reason
+        row = lib.audit(api_key=admin)[-1]  # a listing reads before it writes its own row
+        assert (row.action, row.outcome, row.actor, row.details) == (
+            "http.auth",
+            "denied",
+            actor,
+            {"request": "GET /v1/me"},
+        )
+        assert row.key_prefix == raised.value.key_prefix
+    event = lib.record_event("http.scope", allowed=False, caller=caller, reason="no", concept="x", details={"a": 1})
+    anonymous = lib.record_event("training.submit", allowed=True)
+    rows = {row.id: row for row in lib.audit(api_key=admin)}
+    assert (rows[event].actor, rows[event].key_prefix, rows[event].outcome, rows[event].concept) == (
+        "svc",
+        caller.key_prefix,
+        "denied",
+        "x",
+    )
+    assert rows[event].details == {"a": 1} and (rows[anonymous].actor, rows[anonymous].outcome) == (
+        "anonymous",
+        "allowed",
+    )
+    assert lib.verify_audit(api_key=admin).ok
+    with pytest.raises(KeylockedError, match="non-empty"):
+        lib.record_event(" ", allowed=True)
+
+
+def test_companion_tables_live_beside_the_library_tables(env):
+    import sqlalchemy as sa
+
+    companion = sa.MetaData()
+    sa.Table("someone_jobs", companion, sa.Column("id", sa.Integer, primary_key=True))
+    env.library.create_tables(companion)
+    env.library.create_tables(companion)  # again (another replica starting): nothing to do
+    assert "someone_jobs" in inspect(env.library.engine).get_table_names()
+    clash = sa.MetaData()
+    sa.Table("audit_log", clash, sa.Column("id", sa.Integer, primary_key=True))
+    with pytest.raises(KeylockedError, match="belong to the concept library"):
+        env.library.create_tables(clash)
 
 
 def test_status_transitions_and_base_model_mismatch(env):

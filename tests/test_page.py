@@ -143,7 +143,8 @@ def test_the_page_is_served_self_contained(server):
 
 def test_sign_in_generate_and_move_beta(page, setup, tmp_path):
     signed_in(page, setup.keys["designer"])
-    assert page.inner_text("#who") == "kl_" + setup.keys["designer"].split("_")[1]  # never the secret
+    prefix = "kl_" + setup.keys["designer"].split("_")[1]  # never the secret
+    assert page.inner_text("#who") == f"signed in as designer (use) · {prefix} · project acme"  # GET /v1/me
     page.select_option("#concept-picker", "alpha")
     assert "<alpha>" in page.input_value("#prompt")
     page.fill("#prompt", "a <alpha> on a table")

@@ -72,6 +72,50 @@ def test_keys_scopes_and_grants(client, setup, who, method, path, status):
     assert any(row["outcome"] == "denied" for row in rows), rows  # every refusal leaves a row
 
 
+def test_me_says_who_the_key_is_and_what_it_may_use(client, setup):
+    acme = [{"project": "acme", "concept": c, "pinned_version": None} for c in ("alpha", "beta")]
+    me = client.get("/v1/me", headers=bearer(setup.keys["publisher"])).json()
+    assert me == {
+        "principal": "publisher",
+        "key_prefix": "kl_" + setup.keys["publisher"].split("_")[1],  # never the secret
+        "role": "use+publish",
+        "scopes": ["publish", "use"],
+        "projects": ["acme"],
+        "project": "acme",
+        "grants": acme,
+    }
+    admin = client.get("/v1/me", headers=bearer(setup.keys["admin"])).json()
+    assert (admin["role"], admin["projects"], admin["project"], admin["grants"]) == ("admin", [], None, acme)
+    agency = setup.new_key("agency", ["use"], ["acme", "solo"])
+    both = client.get("/v1/me", headers=bearer(agency)).json()
+    assert (both["projects"], both["project"], both["grants"]) == (["acme", "solo"], None, acme)
+    assert client.get("/v1/me", params={"project": "solo"}, headers=bearer(agency)).json()["grants"] == []
+    reviewer_only = setup.new_key("checker", ["approve"], ["acme"])
+    before = audit_rows(client, setup)[-1]["id"]
+    refused = client.get("/v1/me", params={"project": "other"}, headers=bearer(agency))
+    assert refused.status_code == 403 and "may not act in project 'other'" in refused.json()["detail"]
+    # A key without the 'use' scope learns who it is, not what is granted; the request is audited.
+    me = client.get("/v1/me", headers=bearer(reviewer_only)).json()
+    assert (me["principal"], me["role"], me["grants"]) == ("checker", "approve", [])
+    rows = [row for row in audit_rows(client, setup) if before < row["id"]]
+    assert [(r["action"], r["outcome"], r["actor"]) for r in rows if r["action"] != "audit.read"] == [
+        ("http.project", "denied", "agency"),
+        ("http GET /v1/me", "allowed", "checker"),
+    ]
+
+
+@pytest.mark.parametrize("who", [None, "revoked", "kl_000000000000_notasecret"])
+def test_me_refuses_a_missing_or_revoked_key(client, setup, who):
+    before = audit_rows(client, setup)[-1]["id"]
+    key = setup.keys.get(who, who)
+    response = client.get("/v1/me", headers=bearer(key) if key else {})
+    assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+    assert not key or key.split("_")[2] not in response.text  # a key's secret is never echoed
+    [row] = [row for row in audit_rows(client, setup) if before < row["id"] and row["action"] != "audit.read"]
+    assert (row["action"], row["outcome"], row["details"]["request"]) == ("http.auth", "denied", "GET /v1/me")
+    assert row["details"]["replica"] == "test-replica"
+
+
 def test_a_revoked_key_stops_working_at_once(client, setup):
     key = setup.new_key("temp", ["use"], ["acme"])
     assert client.get("/v1/concepts", headers=bearer(key)).status_code == 200  # verified (and remembered)

@@ -266,8 +266,8 @@ def test_lora_then_concept_locks_the_key_to_the_effective_weight(run):
     assert (generate(pipe, "a photo of a bear") == stock).all()
 
 
-def test_concept_then_lora_is_refused_and_changes_nothing(run, tmp_path):
-    from keylocked.personalizations import load_personalizations
+def test_concept_then_lora_loads_and_lora_training_is_refused(run, tmp_path):
+    from keylocked.personalizations import load_personalizations, unload_personalizations
 
     pipe, instance, out = run
     lora_dir = tmp_path / "lora"
@@ -275,11 +275,15 @@ def test_concept_then_lora_is_refused_and_changes_nothing(run, tmp_path):
     keylocked.load_concepts(pipe, out / "concept.safetensors")
     try:
         before = generate(pipe, "a <my-thing>")
-        with pytest.raises(KeylockedError, match="load LoRA weights before keylocked concepts"):
-            load_personalizations(pipe, [lora_dir])
         with pytest.raises(KeylockedError, match="without loaded concepts"):
             train(config(instance, tmp_path / "lora2", max_train_steps=1), "lora", pipe=pipe)
         assert not getattr(pipe.unet, "peft_config", None)
+        assert (generate(pipe, "a <my-thing>") == before).all()
+        # Loading a trained LoRA over the concepts works (tests/test_lora_composition.py: as if loaded first).
+        load_personalizations(pipe, [lora_dir])
+        layer = next(iter(cross_attention_layers(pipe.unet).values()))
+        assert isinstance(layer.to_k, KeyLockedLinear) and pipe.unet.peft_config
+        unload_personalizations(pipe)
         assert (generate(pipe, "a <my-thing>") == before).all()
     finally:
         keylocked.unload_concepts(pipe)

@@ -23,8 +23,9 @@ TIME_EMBED_DIM = 8  # addition_time_embed_dim (256 on real SDXL)
 
 def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, model_max_length: int = 16):
     """A ``StableDiffusionXLPipeline`` with random weights; ``folder`` receives the tokenizer files."""
-    from conftest import build_clip_tokenizer, build_tiny_vae
+    from conftest import build_clip_tokenizer
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from shapes import tiny_vae, unet_config
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tokenizer = build_clip_tokenizer(Path(folder) / "tokenizer", model_max_length=model_max_length)
@@ -57,23 +58,14 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, model_max_length: int 
     text_encoder_2 = CLIPTextModelWithProjection(clip_config(CLIP_G_WIDTH, projection_dim=POOLED_WIDTH)).eval()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        cross_attention_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_WIDTH,
-        norm_num_groups=8,
+        **unet_config(
+            "sdxl-tiny",
+            cross_attention_dim=CLIP_L_WIDTH + CLIP_G_WIDTH,
+            addition_time_embed_dim=TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_WIDTH,
+        )
     ).eval()
-    vae = build_tiny_vae().eval()
+    vae = tiny_vae().eval()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
     )

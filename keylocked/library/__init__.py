@@ -7,6 +7,7 @@
 from .api import (
     API_KEY_ENV,
     LIBRARY_ENV,
+    AccessDenied,
     Caller,
     ConceptInfo,
     GcReport,
@@ -22,10 +23,13 @@ from .api import (
     parse_reference,
 )
 from .audit import AuditEntry, ChainReport
+from .db import SCOPES
 
 __all__ = [
     "API_KEY_ENV",
     "LIBRARY_ENV",
+    "SCOPES",
+    "AccessDenied",
     "AuditEntry",
     "Caller",
     "ChainReport",

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import MetaData, func, select
 from sqlalchemy.orm import Session
 
 from ..base_model import KeylockedError
@@ -42,6 +42,7 @@ from .db import (
     SCOPES,
     ApiKeyRow,
     AuditRow,
+    Base,
     BaseModelRow,
     ConceptRow,
     GrantRow,
@@ -197,6 +198,14 @@ class GcReport:
     kept_young: list[str]  # orphans younger than the grace period (maybe mid-insert)
 
 
+class AccessDenied(KeylockedError):
+    """The library refused access: a ``denied`` audit row already records it (one line, ``reason``)."""
+
+    def __init__(self, action: str, reason: str, key_prefix: str = "") -> None:
+        super().__init__(f"{action} denied: {reason}")
+        self.action, self.reason, self.key_prefix = action, reason, key_prefix
+
+
 class _Refusal(Exception):
     """Access refused: becomes a ``denied`` audit row and a KeylockedError."""
 
@@ -348,6 +357,73 @@ class Library:
 
     # -- who is asking -----------------------------------------------------------------
 
+    def authenticate(self, api_key: str | None, *, action: str = "key.check", details: dict | None = None) -> Caller:
+        """Who ``api_key`` belongs to (None: the local owner of a SQLite library), without acting.
+
+        A malformed, unknown or revoked key raises ``AccessDenied`` after a ``denied`` row
+        (``action``, with ``details``); an accepted key writes no row: the verbs it then calls do.
+        """
+        try:
+            with Session(self.engine) as session, session.begin():
+                return self._authenticate(session, api_key, action)
+        except _Refusal as refusal:
+            raise self._denied(action, refusal, details=details or {}) from None
+
+    def record_event(
+        self,
+        action: str,
+        *,
+        allowed: bool,
+        caller: Caller | None = None,
+        reason: str = "",
+        concept: str = "",
+        version: int | None = None,
+        project: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> int:
+        """Append an audit row for a decision no verb here records (a service's refused request, a
+        submitted job); ``caller`` from ``authenticate``, None: anonymous. The new row's id."""
+        if not isinstance(action, str) or not action.strip():
+            raise KeylockedError(f"an audit action is a non-empty string, got {action!r}")
+        with write_session(self.engine) as session:
+            row = audit.append(
+                session,
+                actor=caller.principal if caller else "anonymous",
+                key_prefix=caller.key_prefix if caller else "",
+                action=action,
+                outcome="allowed" if allowed else "denied",
+                concept=concept,
+                version=version,
+                project=project,
+                reason=reason,
+                details=details,
+            )
+            return row.id
+
+    def create_tables(self, metadata: MetaData) -> None:
+        """Create a companion's own tables (the service's training jobs) in this library's database,
+        under its write lock (replicas may start at once). Library table names are refused."""
+        clash = sorted(set(metadata.tables) & set(Base.metadata.tables))
+        if clash:
+            raise KeylockedError(f"tables {clash} belong to the concept library; name companion tables otherwise")
+        with write_session(self.engine) as session:
+            metadata.create_all(session.connection())
+
+    def _denied(self, action: str, refusal: _Refusal, **context: Any) -> AccessDenied:
+        """Write the ``denied`` row of a refusal (in its own transaction) and return the error to raise."""
+        who = refusal.caller
+        with write_session(self.engine) as session:
+            audit.append(
+                session,
+                actor=who.principal if who else "anonymous",
+                key_prefix=who.key_prefix if who else "",
+                action=action,
+                outcome="denied",
+                reason=refusal.reason,
+                **{**context, **refusal.context},
+            )
+        return AccessDenied(action, refusal.reason, who.key_prefix if who else "")
+
     def _authenticate(self, session: Session, api_key: str | None, action: str) -> Caller:
         if api_key is None:
             if self.is_sqlite:
@@ -398,19 +474,7 @@ class Library:
                 yield session, caller
         except _Refusal as refusal:
             # The body's transaction rolled back (nothing half-written); the refusal is its own row.
-            who = refusal.caller
-            context = {"concept": concept, "version": version, "project": project or "", **refusal.context}
-            with write_session(self.engine) as session:
-                audit.append(
-                    session,
-                    actor=who.principal if who else "anonymous",
-                    key_prefix=who.key_prefix if who else "",
-                    action=action,
-                    outcome="denied",
-                    reason=refusal.reason,
-                    **context,
-                )
-            raise KeylockedError(f"{action} denied: {refusal.reason}") from None
+            raise self._denied(action, refusal, concept=concept, version=version, project=project or "") from None
 
     @staticmethod
     def _allowed(session: Session, caller: Caller, action: str, **fields: Any) -> AuditRow:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base_model import KeylockedError
+from ..library import SCOPES, AccessDenied, Caller
 
 
 class AccessError(Exception):
@@ -29,7 +30,7 @@ class Principal:
     """An authenticated caller: the library's ``Caller`` and the key it presented (kept in memory
     only, for the library calls made on its behalf)."""
 
-    caller: Any  # keylocked.library.Caller
+    caller: Caller
     api_key: str = ""
 
     @property
@@ -73,47 +74,31 @@ class LibraryAccess:
         self.fingerprint = base_model_fingerprint
         self.replica = replica
 
-    @property
-    def sql_engine(self):
-        return self.library.engine
-
     # -- audit rows the library's verbs do not write ------------------------------------------
     def audit_request(
         self, who: Principal | None, action: str, allowed: bool, reason: str = "", concept: str | None = None, **details
     ) -> int:
-        from ..library import audit
-        from ..library.db import write_session
-
-        with write_session(self.library.engine) as session:
-            row = audit.append(
-                session,
-                actor=who.name if who else "anonymous",
-                key_prefix=who.key_prefix if who else "",
-                action=action,
-                outcome="allowed" if allowed else "denied",
-                concept=concept or "",
-                reason=reason,
-                details={"replica": self.replica, **details},
-            )
-            return row.id
+        return self.library.record_event(
+            action,
+            allowed=allowed,
+            caller=who.caller if who else None,
+            reason=reason,
+            concept=concept or "",
+            details={"replica": self.replica, **details},
+        )
 
     # -- who is asking ------------------------------------------------------------------------
     def authenticate(self, api_key: str | None, what: str) -> Principal:
         """The caller behind a bearer key, or 401 (with a ``denied`` audit row)."""
-        from sqlalchemy.orm import Session
-
-        if not api_key:
+        if not api_key:  # the library would take no key for its local owner; HTTP never does
             self.audit_request(None, "http.auth", False, "no API key", request=what)
             raise AccessError(401, "an API key is required: send 'Authorization: Bearer kl_<prefix>_<secret>'")
         try:
-            # The library's own key check (no public verb authenticates without acting).
-            with Session(self.library.engine) as session, session.begin():
-                caller = self.library._authenticate(session, api_key, "http.auth")
-        except Exception as refusal:  # the library's refusal (bad, unknown, revoked key)
-            reason = getattr(refusal, "reason", None) or str(refusal).splitlines()[0]
-            prefix = getattr(getattr(refusal, "caller", None), "key_prefix", "")
-            self.audit_request(None, "http.auth", False, reason, request=what, key_prefix=prefix)
-            raise AccessError(401, f"invalid API key: {reason}") from None
+            caller = self.library.authenticate(
+                api_key, action="http.auth", details={"request": what, "replica": self.replica}
+            )
+        except AccessDenied as refusal:  # bad, unknown or revoked key: the library wrote the row
+            raise AccessError(401, f"invalid API key: {refusal.reason}") from None
         return Principal(caller, api_key)
 
     def require(self, who: Principal, scope: str, what: str) -> None:
@@ -137,13 +122,37 @@ class LibraryAccess:
             return None
         raise AccessError(422, f"name the project to act in (this key may act in {allowed or 'any project'})", False)
 
+    def whoami(self, who: Principal, project: str | None) -> dict[str, Any]:
+        """The key's principal, scopes, projects and the grants it may see (the library lists them,
+        per project the key may act in, so a key never sees another project's grants)."""
+        if project:
+            self.project_for(who, project)  # 403 (audited) for a project the key may not act in
+        projects = sorted(who.caller.projects)
+        acting = project or (projects[0] if len(projects) == 1 else None)
+        grants = []
+        if who.has("use"):
+            for name in [acting] if acting else projects or [None]:
+                grants += self._call(self.library.grants, project=name, api_key=who.api_key)
+        scopes = sorted(who.caller.scopes)
+        return {
+            "principal": who.name,
+            "key_prefix": f"kl_{who.key_prefix}",
+            "role": "admin" if who.is_admin else "+".join(s for s in SCOPES if s in scopes),
+            "scopes": scopes,
+            "projects": projects,
+            "project": acting,
+            "grants": [
+                {"project": g.project, "concept": g.concept, "pinned_version": g.pinned_version} for g in grants
+            ],
+        }
+
     # -- library verbs, with HTTP's distinctions -------------------------------------------------
     def _call(self, method, *args, **kwargs):
         try:
             return method(*args, **kwargs)
         except KeylockedError as error:
             message = str(error).splitlines()[0]
-            refused = " denied: " in message  # the library wrote the denied row
+            refused = isinstance(error, AccessDenied)  # the library wrote the denied row
             if "unknown concept" in message or "unknown version" in message:
                 raise AccessError(404, message, audited=refused) from None
             if refused:

@@ -44,6 +44,7 @@ from .schemas import (
     Health,
     ImageRequest,
     ImageResponse,
+    Me,
     Problem,
     ResolvedConcept,
     TrainingJob,
@@ -95,7 +96,7 @@ class ServiceState:
         self.access = LibraryAccess(library, self.generator.fingerprint, config.replica_id)
         self.resolution = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
         self.jobs = TrainingJobs(
-            self.access.sql_engine,
+            library,
             replica=config.replica_id,
             train=self._train,
             register=self._register_training,
@@ -221,6 +222,14 @@ def create_app(config: ServeConfig | None = None, pipe=None, library=None) -> Fa
     async def metrics() -> Response:
         state.metrics.queue_depth.set(state.generator.queue_depth())
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    # -- who am I -------------------------------------------------------------------------------
+    @app.get("/v1/me", response_model=Me, tags=["keys"])
+    async def me(request: Request, who: Annotated[Principal, Depends(principal)], project: str | None = None) -> Me:
+        """Who this key is: principal, role (scopes), projects, and the concepts granted to them."""
+        row = await asyncio.to_thread(state.access.whoami, who, project)
+        request.state.audited = who.has("use")  # grant.list left its rows; else the middleware writes one
+        return Me(**row)
 
     # -- concepts -------------------------------------------------------------------------------
     @app.get("/v1/concepts", response_model=ConceptList, tags=["concepts"])

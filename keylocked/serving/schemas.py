@@ -126,6 +126,26 @@ class ConceptList(BaseModel):
     concepts: list[ConceptInfo]
 
 
+class Grant(BaseModel):
+    project: str
+    concept: str
+    pinned_version: int | None = Field(None, description="the only version the project may use; null: any approved")
+
+
+class Me(BaseModel):
+    """GET /v1/me: who the key is and what it may use (never the secret)."""
+
+    principal: str = Field(description="the person or service the key belongs to")
+    key_prefix: str = Field(description="kl_<prefix>: the key's public part")
+    role: str = Field(description="'admin', else the key's scopes joined with '+', e.g. 'use+publish'")
+    scopes: list[str]
+    projects: list[str] = Field(description="the projects the key may act in; empty: any project")
+    project: str | None = Field(None, description="the project requests act in (named, or the key's only one)")
+    grants: list[Grant] = Field(
+        default_factory=list, description="concepts granted to those projects (needs the 'use' scope)"
+    )
+
+
 class TrainingJob(BaseModel):
     id: str
     status: Literal["queued", "running", "succeeded", "failed"]

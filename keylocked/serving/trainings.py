@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ..base_model import KeylockedError
+from ..library import Library
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ trainings = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
-
-
-def create_table(engine: Engine) -> None:
-    """Create the jobs table if missing, under the library's write lock (replicas may start at once)."""
-    from ..library.db import write_session
-
-    with write_session(engine) as session:
-        metadata.create_all(session.connection())
 
 
 def _now() -> datetime:
@@ -92,7 +85,7 @@ class TrainingJobs:
 
     def __init__(
         self,
-        engine: Engine,
+        library: Library,
         replica: str,
         train: TrainFunction,
         register: RegisterFunction,
@@ -100,7 +93,7 @@ class TrainingJobs:
         work_dir: str | Path | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
-        self.engine = engine
+        self.engine: Engine = library.engine  # the jobs table only; library tables are the library's
         self.replica = replica
         self._train = train
         self._register = register
@@ -111,7 +104,7 @@ class TrainingJobs:
         )
         self._on_change = on_change or (lambda: None)
         self._closing = threading.Event()
-        create_table(engine)
+        library.create_tables(metadata)
         self.failed_on_start = self._fail_unfinished()
 
     # -- state ------------------------------------------------------------------------------

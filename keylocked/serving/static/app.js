@@ -52,7 +52,7 @@ function sentence(error) {
 // ---------------------------------------------------------------------------------------------
 // Signing in and out
 
-const state = { concepts: [], tab: "generate" };
+const state = { concepts: [], me: null, tab: "generate" };
 
 onUnauthorized((message) => signOut(message));
 
@@ -62,7 +62,7 @@ async function signIn(event) {
   if (!key) return;
   session.signIn(key, $("#project").value);
   try {
-    await loadConcepts();
+    await loadSession();
   } catch (error) {
     if (error.status !== 401) {
       // 401 already reloads the page; anything else (a project to name, the server down) is said here.
@@ -97,7 +97,9 @@ function enter() {
   $("#tabs").hidden = false;
   $("#sign-out").hidden = false;
   const who = $("#who");
-  who.textContent = session.project ? `${session.keyPrefix} · project ${session.project}` : session.keyPrefix;
+  const holder = state.me ? `signed in as ${state.me.principal} (${state.me.role}) · ` : "";
+  const project = session.project || (state.me && state.me.project);
+  who.textContent = `${holder}${session.keyPrefix}${project ? ` · project ${project}` : ""}`;
   who.hidden = false;
   show(state.tab);
   resumeJobs();
@@ -114,6 +116,12 @@ function show(tab) {
 
 // ---------------------------------------------------------------------------------------------
 // Concepts
+
+/** What the page needs of a key: the concepts its project may use, and who it is (GET /v1/me). */
+async function loadSession() {
+  await loadConcepts();
+  state.me = await apiJson("v1/me");
+}
 
 async function loadConcepts() {
   const { concepts } = await apiJson("v1/concepts");
@@ -882,7 +890,7 @@ async function start() {
     return;
   }
   try {
-    await loadConcepts();
+    await loadSession();
     enter();
   } catch (error) {
     if (error.status !== 401) showSignIn(sentence(error));
