@@ -120,9 +120,9 @@ fi
 
 # -- settings: full GPU run, or the same pipeline in a few steps on CPU
 if [[ $MODE == smoke ]]; then
-  VAE_ARGS=(--max_steps 3 --batch_size 4 --crop 32 --max_minutes 1 --log_every 1 --scale_batches 1 --threads 2)
-  UNET_ARGS=(--max_steps 3 --batch_size 4 --warmup_steps 2 --log_every 1 --threads 2)
-  EVAL_ARGS=(--n 1 --k 2 --steps 1 --psnr_images 4 --threads 2)
+  VAE_ARGS=(--max_steps 3 --batch_size 4 --crop 32 --max_minutes 1 --log_every 1 --scale_batches 1 --threads 1)
+  UNET_ARGS=(--max_steps 3 --batch_size 4 --warmup_steps 2 --log_every 1 --threads 1)
+  EVAL_ARGS=(--n 1 --k 2 --steps 1 --psnr_images 4 --threads 1)
   unet_minutes() { echo 1; }
   WORKERS=1
 else

@@ -56,9 +56,9 @@ class TorchCompositor:
         placed = np.asarray(placed, dtype=np.int64).reshape(-1, 6)
         placed = placed[np.argsort(placed[:, 2], kind="stable")]
         sizes, starts, counts = np.unique(placed[:, 2], return_index=True, return_counts=True)
-        table = torch.from_numpy(placed).to(self.device)
+        columns = torch.from_numpy(np.ascontiguousarray(placed.T)).to(self.device)  # (6, n): contiguous slices
         for size, first, count in zip(sizes.tolist(), starts.tolist(), counts.tolist()):
-            image, index, _, x, y, flip = table[first : first + count].unbind(1)
+            image, index, _, x, y, flip = columns[:, first : first + count].unbind(0)
             small = F.interpolate(self.sprites[index], size=(size, size), mode="bilinear", antialias=True)
             # the filter is symmetric, so flipping after resizing is the same as before, and cheaper
             small = torch.where(flip.bool().view(-1, 1, 1, 1), small.flip(-1), small)

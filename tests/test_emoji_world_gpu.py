@@ -61,6 +61,9 @@ def test_torch_compositor_matches_pil_and_is_not_much_slower(sprites):
     layouts = [sample_composition(NAMES, rng, p_pair=0.4) for _ in range(96)]
     assert any(len(lay.objects) == 2 for lay in layouts) and any(p.flip for lay in layouts for p in lay.objects)
     compositor = TorchCompositor(np.stack(sprites))
+    # one thread, as the trainers' default: these are many small ops, and two OpenMP threads on a
+    # loaded 2-core machine wait on each other (measured 0.95 s instead of 23 ms for this batch)
+    torch.set_num_threads(1)  # the conftest fixture restores the thread count
     compositor.render(layouts[:4])  # warm-up
     pil_seconds, torch_seconds = [], []
     for _ in range(3):  # interleaved, best of 3: the machine is shared
