@@ -165,15 +165,24 @@ def compose(
     """One random composition of one (or, with probability ``p_pair``, two) of ``sprites``."""
     if len(sprites) != len(names) or not sprites:
         raise ValueError(f"need as many names as sprites, got {len(sprites)} and {len(names)}")
-    if len(sprites) >= 2 and rng.random() < p_pair:
-        i, j = rng.choice(len(sprites), size=2, replace=False)
+    layout = sample_composition(names, rng, p_pair)
+    return render_layout(layout, sprites), layout_caption(layout, names), layout
+
+
+def sample_composition(names: list[str], rng: np.random.Generator, p_pair: float = 0.2) -> Layout:
+    """The layout of one random composition of sprites ``0..len(names)-1`` (pixels not rendered):
+    one sprite, or with probability ``p_pair`` two of different names.  :func:`compose` renders it
+    with PIL, :class:`emoji_world.compose_torch.TorchCompositor` with torch."""
+    if not names:
+        raise ValueError("need at least one sprite name")
+    if len(names) >= 2 and rng.random() < p_pair:
+        i, j = rng.choice(len(names), size=2, replace=False)
         indices = [int(i), int(j)]
         if names[indices[0]] == names[indices[1]]:
             indices = indices[:1]
     else:
-        indices = [int(rng.integers(len(sprites)))]
-    layout = sample_layout(rng, indices)
-    return render_layout(layout, sprites), layout_caption(layout, names), layout
+        indices = [int(rng.integers(len(names)))]
+    return sample_layout(rng, indices)
 
 
 def augmented_view(sprite: np.ndarray, rng: np.random.Generator, colour: str = "white") -> np.ndarray:

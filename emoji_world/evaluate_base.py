@@ -139,6 +139,21 @@ def identity_retrieval(pipe, data: Path, k: int, seed: int, steps: int, guidance
     }
 
 
+@torch.no_grad()
+def vae_psnr(vae, data: Path, n: int = 64, seed: int = 4242) -> dict:
+    """VAE reconstruction PSNR (dB, images in [0, 1], MSE pooled over all pixels) on ``n`` fresh
+    compositions of the held-in sprites, through the posterior mode."""
+    from .common import make_batch, training_sprites
+
+    sprites, names = training_sprites(data)
+    pixels, _ = make_batch(sprites, names, n, seed, 0)  # (n, 3, 64, 64) in [-1, 1]
+    param = next(vae.parameters())
+    latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
+    recon = vae.decode(latents).sample.float().cpu().clamp(-1, 1)
+    mse = float((((recon - pixels) / 2) ** 2).mean())
+    return {"psnr_db": round(10 * float(np.log10(1.0 / max(mse, 1e-12))), 2), "images": n, "seed": seed}
+
+
 def _ranks(ref: np.ndarray, index: dict, names: list[str], images: list[np.ndarray]) -> np.ndarray:
     """Rank (0 = best) of each image's true concept among the gallery, by best-style cosine."""
     ranks = []
@@ -198,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale (the pipeline default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    parser.add_argument("--device", default="cpu", help="where the pipeline runs (samples are seeded on the CPU)")
+    parser.add_argument("--psnr_images", type=int, default=64, help="fresh compositions for the VAE's PSNR")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,12 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     from .catalog import load_splits
 
     start = time.time()
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=args.device)
     args.output.mkdir(parents=True, exist_ok=True)
     names = load_splits()["train"]
     report = {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "seed": args.seed}
     report["colour"] = colour_accuracy(pipe, names, args.n, args.seed, args.steps, args.guidance)
     report["identity"] = identity_retrieval(pipe, args.data, args.k, args.seed, args.steps, args.guidance)
+    report["vae"] = vae_psnr(pipe.vae, args.data, args.psnr_images)
     sample_grid(pipe, args.output / "samples.png", args.seed, args.steps, args.guidance)
     report["grid_prompts"] = GRID_PROMPTS
     report["seconds"] = round(time.time() - start, 1)
@@ -220,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"background colour accuracy {c['accuracy']:.2f} ({c['samples_per_colour']} per colour); "
         f"identity top-1 {i['top1']:.2f} top-5 {i['top5']:.2f} over {i['gallery']} concepts "
-        f"(real renders {i['real_top1']:.2f}/{i['real_top5']:.2f}, chance {i['chance_top1']:.3f}/{i['chance_top5']:.3f}); grid {args.output / 'samples.png'}; "
+        f"(real renders {i['real_top1']:.2f}/{i['real_top5']:.2f}, chance {i['chance_top1']:.3f}/{i['chance_top5']:.3f}); "
+        f"VAE {report['vae']['psnr_db']:.2f} dB; grid {args.output / 'samples.png'}; "
         f"{report['seconds']} s"
     )
 

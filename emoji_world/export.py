@@ -24,10 +24,11 @@ from PIL import Image
 from .catalog import build_catalog, load_splits
 from .common import (
     DDIM_CONFIG,
-    UNET_CONFIG,
-    VAE_CONFIG,
+    UNET_CONFIGS,
+    VAE_CONFIGS,
     load_checkpoint,
     load_text_encoder,
+    model_config,
     read_checkpoint_state,
     seed_everything,
 )
@@ -71,14 +72,15 @@ def write_examples(output: Path, views: int = 6, seed: int = 0, style: str = "no
     return index
 
 
-def build_models(unet_ckpt: Path | None, vae_dir: Path | None, random_init: bool):
+def build_models(unet_ckpt: Path | None, vae_dir: Path | None, random_init: bool, config_name: str = "emoji-64"):
+    """The UNet (EMA weights, architecture from the checkpoint's state.json) and the VAE folder's model."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if random_init:
         seed_everything(0)
-        vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=1.0)
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        return unet, vae, {"trained": False}
+        vae = AutoencoderKL(**model_config(VAE_CONFIGS, config_name), scaling_factor=1.0)
+        unet = UNet2DConditionModel(**model_config(UNET_CONFIGS, config_name))
+        return unet, vae, {"trained": False, "unet_config": config_name}
     if vae_dir is None or not Path(vae_dir).exists():
         raise FileNotFoundError(f"no trained VAE at {vae_dir}; train it or pass --random")
     if unet_ckpt is None or not Path(unet_ckpt).exists():
@@ -103,6 +105,7 @@ def build_models(unet_ckpt: Path | None, vae_dir: Path | None, random_init: bool
         vae,
         {
             "trained": True,
+            "unet_config": state.get("config_name", "emoji-64"),
             "unet_steps": state["step"],
             "vae": str(vae_dir),
             "unet_train_minutes": round(state["elapsed"] / 60, 1),
@@ -122,11 +125,12 @@ def export(
     vae_dir: Path | None = None,
     random_init: bool = False,
     examples: bool = True,
+    config_name: str = "emoji-64",
 ) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     vae_dir = default_vae_dir() if vae_dir is None else vae_dir
-    unet, vae, info = build_models(unet_ckpt, vae_dir, random_init)
+    unet, vae, info = build_models(unet_ckpt, vae_dir, random_init, config_name)
     tokenizer, text_encoder = load_text_encoder()
     pipe = StableDiffusionPipeline(
         vae=vae.half(),
@@ -165,8 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--random", action="store_true", help="export a randomly initialised model")
     parser.add_argument("--no_examples", action="store_true")
+    parser.add_argument(
+        "--model_config", default="emoji-64", help="architecture of a --random export (a trained one uses its own)"
+    )
     args = parser.parse_args(argv)
-    info = export(args.output, args.unet_checkpoint, args.vae, args.random, not args.no_examples)
+    info = export(args.output, args.unet_checkpoint, args.vae, args.random, not args.no_examples, args.model_config)
     print(json.dumps(info))
 
 
