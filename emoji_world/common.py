@@ -386,7 +386,7 @@ def save_checkpoint(
     from keylocked.io import save_safetensors
     from keylocked.training.optimizer_state import optimizer_state_tensors
 
-    directory = Path(directory)
+    directory = recover_checkpoint(directory)
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -402,6 +402,16 @@ def save_checkpoint(
         os.replace(directory, old)
     os.replace(partial, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(directory: Path) -> Path:
+    """``directory``, after putting the previous checkpoint (``<name>.old``) back when a crash fell
+    between :func:`save_checkpoint`'s two renames (else a resume would silently start over)."""
+    directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and (old / CHECKPOINT_STATE).is_file():
+        os.replace(old, directory)
+    return directory
 
 
 def read_checkpoint_state(directory: Path) -> dict:

@@ -35,6 +35,7 @@ from .common import (
     model_config,
     pick_device,
     read_checkpoint_state,
+    recover_checkpoint,
     save_checkpoint,
     scheduled_lr,
     seed_everything,
@@ -117,7 +118,7 @@ def train(cfg: UnetTrainConfig) -> None:
     scaling = vae.config.scaling_factor
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    ckpt_path = cfg.output / "checkpoint"
+    ckpt_path = recover_checkpoint(cfg.output / "checkpoint")
     resuming = cfg.resume and ckpt_path.exists()
     config_name = cfg.model_config
     if resuming:  # the checkpoint's own architecture, whatever --model_config says

@@ -32,6 +32,7 @@ from .common import (
     load_checkpoint,
     model_config,
     pick_device,
+    recover_checkpoint,
     save_checkpoint,
     scheduled_lr,
     seed_everything,
@@ -109,7 +110,7 @@ def train(cfg: VaeTrainConfig) -> Path:
         vae.quant_conv.requires_grad_(False)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0, fused=True if device.type == "cuda" else None)
-    ckpt_path = cfg.output / "checkpoint"
+    ckpt_path = recover_checkpoint(cfg.output / "checkpoint")
     step, elapsed = 0, 0.0
     if cfg.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, {"model": vae}, optimizer)

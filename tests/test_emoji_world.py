@@ -317,3 +317,24 @@ def test_unet_train_config_rejects_bad_cooldown_and_init_from(tmp_path):
     with pytest.raises(SystemExit):  # argparse error, no traceback, nothing written
         main(["--init_from", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_crash_between_the_checkpoint_renames_keeps_the_previous_checkpoint(tmp_path):
+    """save_checkpoint moves the old folder aside, then the new one in: a crash in between must not lose both."""
+    import torch
+
+    from emoji_world.common import load_checkpoint, recover_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, {"model": model}, optimizer, {"step": 7})
+    folder.rename(tmp_path / "checkpoint.old")  # as if the process died after the first rename
+    assert recover_checkpoint(folder) == folder and folder.is_dir()
+    restored = torch.nn.Linear(3, 2)
+    assert load_checkpoint(folder, {"model": restored}, torch.optim.AdamW(restored.parameters()))["step"] == 7
+    assert torch.equal(restored.weight, model.weight)
+    save_checkpoint(folder, {"model": model}, optimizer, {"step": 8})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no .old / .partial left behind
