@@ -375,6 +375,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def parse_config(config_class: type, description: str, argv: list[str] | None = None):
+    """A training config dataclass from flags spelled as its fields (``--batch_size 32``, booleans as
+    switches); a value its ``__post_init__`` refuses is an argparse error (exit 2), not a traceback."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, value in vars(config_class()).items():
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name}", action="store_true")
+        else:
+            parser.add_argument(f"--{name}", type=Path if value is None else type(value), default=value)
+    try:
+        return config_class(**vars(parser.parse_args(argv)))
+    except ValueError as error:
+        parser.error(str(error))
+
+
 CHECKPOINT_STATE = "state.json"
 
 

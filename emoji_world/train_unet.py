@@ -11,7 +11,6 @@ timestep -> UNet predicts the noise, conditioned on MiniLM encodings of the capt
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -33,6 +32,7 @@ from .common import (
     load_checkpoint,
     load_text_encoder,
     model_config,
+    parse_config,
     pick_device,
     read_checkpoint_state,
     recover_checkpoint,
@@ -239,17 +239,7 @@ def train(cfg: UnetTrainConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in vars(UnetTrainConfig()).items():
-        if isinstance(value, bool):
-            parser.add_argument(f"--{name}", action="store_true")
-        else:
-            parser.add_argument(f"--{name}", type=Path if value is None else type(value), default=value)
-    try:
-        config = UnetTrainConfig(**vars(parser.parse_args(argv)))
-    except ValueError as error:
-        parser.error(str(error))
-    train(config)
+    train(parse_config(UnetTrainConfig, __doc__, argv))
 
 
 if __name__ == "__main__":

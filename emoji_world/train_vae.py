@@ -15,7 +15,6 @@ Decoder fine-tuning (the UNet's latent space stays fixed, so it can run during/a
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from .common import (
     config_name_of,
     load_checkpoint,
     model_config,
+    parse_config,
     pick_device,
     recover_checkpoint,
     save_checkpoint,
@@ -212,14 +212,7 @@ def train(cfg: VaeTrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = VaeTrainConfig()
-    for name, value in vars(defaults).items():
-        if isinstance(value, bool):
-            parser.add_argument(f"--{name}", action="store_true")
-        else:
-            parser.add_argument(f"--{name}", type=type(value), default=value)
-    train(VaeTrainConfig(**vars(parser.parse_args(argv))))
+    train(parse_config(VaeTrainConfig, __doc__, argv))
 
 
 if __name__ == "__main__":

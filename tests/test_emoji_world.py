@@ -319,6 +319,15 @@ def test_unet_train_config_rejects_bad_cooldown_and_init_from(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_vae_train_flags_refused_by_the_config_are_an_argparse_error(tmp_path, capsys):
+    from emoji_world.train_vae import main
+
+    with pytest.raises(SystemExit) as exit_info:  # was a ValueError traceback
+        main(["--decoder_only", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "--decoder_only needs --init" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_crash_between_the_checkpoint_renames_keeps_the_previous_checkpoint(tmp_path):
     """save_checkpoint moves the old folder aside, then the new one in: a crash in between must not lose both."""
     import torch
