@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from keylocked.base_model import encode_prompts  # noqa: E402
 from keylocked.concept import Concept  # noqa: E402
 from keylocked.evaluation.embedders import EmojiEvaluator  # noqa: E402
 from keylocked.evaluation.metrics import image_alignment, text_alignment  # noqa: E402
@@ -35,12 +36,10 @@ from keylocked.models import load_pipeline  # noqa: E402
 PAIR_TEMPLATE = "a {} and a {} on a white background"
 
 
+@torch.no_grad()
 def encode(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids  # (B, T)
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0], ids  # (B, T, d), (B, T)
+    """(encodings (B, T, d), input ids (B, T)), exactly as the pipeline encodes a prompt."""
+    return encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
 
 
 def concept_rows(pipe, ids: torch.Tensor, tokens: list[str]) -> torch.Tensor:
