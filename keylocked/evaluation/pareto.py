@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-BASE_METHOD = "base"
+from .evaluate import BASE_METHOD
 
 
 def label(entry: dict) -> str:
