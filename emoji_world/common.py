@@ -327,14 +327,20 @@ class LossLog:
     """``<output>/losses.csv``: step, mean loss since the previous row, learning rate, training minutes.
 
     The losses are summed on the device and read back only when a row is written (no per-step sync).
-    A fresh run truncates the file; a resumed one appends.
+    A fresh run truncates the file; a resumed one appends, after dropping the rows past ``step`` (the
+    checkpoint it resumes from), which a run stopped between two checkpoints wrote and will redo.
     """
 
-    def __init__(self, output: Path, resume: bool):
+    def __init__(self, output: Path, resume: bool, step: int | None = None):
         self.path = Path(output) / LOSS_LOG
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not (resume and self.path.is_file()):
             self.path.write_text(",".join(LOSS_LOG_FIELDS) + "\n")
+        elif step is not None:
+            header, *rows = self.path.read_text().splitlines(keepends=True)
+            kept = [row for row in rows if int(row.split(",", 1)[0]) <= step]
+            if len(kept) < len(rows):
+                self.path.write_text(header + "".join(kept))
         self.total: torch.Tensor | None = None
         self.count = 0
 

@@ -183,7 +183,7 @@ def train(cfg: UnetTrainConfig) -> None:
         prefetch=cfg.prefetch,
         workers=cfg.layout_workers,
     )
-    log = LossLog(cfg.output, resume=resuming)
+    log = LossLog(cfg.output, resume=resuming, step=step)
     forward = torch.compile(unet) if cfg.compile else unet  # same parameters; state dicts from ``unet``
     unet.train()
     start, last_ckpt, smooth = time.time() - elapsed, time.time(), None

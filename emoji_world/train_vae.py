@@ -154,7 +154,7 @@ def train(cfg: VaeTrainConfig) -> Path:
         prefetch=cfg.prefetch,
         workers=cfg.layout_workers,
     )
-    log = LossLog(cfg.output, resume=cfg.resume and step > 0)
+    log = LossLog(cfg.output, resume=cfg.resume and step > 0, step=step)
     print(
         f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params ({cfg.model_config}), device {device}, "
         f"compositor {source.kind}, batch {cfg.batch_size}, crop {cfg.crop}, mixed precision {cfg.mixed_precision}",

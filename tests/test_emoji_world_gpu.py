@@ -174,6 +174,8 @@ def test_loss_log_and_plot(tmp_path):
     assert columns["step"].tolist() == [2, 4] and columns["loss"].tolist() == [0.75, 0.1875]
     LossLog(tmp_path / "run", resume=True).write(5, 0, 0)  # resume appends (nothing added: no row)
     assert len(read_loss_log(tmp_path / "run" / "losses.csv")["step"]) == 2
+    LossLog(tmp_path / "run", resume=True, step=3)  # resumed from step 3: the row for step 4 is redone
+    assert read_loss_log(tmp_path / "run" / "losses.csv")["step"].tolist() == [2]
     LossLog(tmp_path / "run", resume=False)  # a fresh run starts over
     assert len(read_loss_log(tmp_path / "run" / "losses.csv")["step"]) == 0
     log2 = LossLog(tmp_path / "other", resume=False)
